@@ -1,0 +1,36 @@
+# Fresh-machine entry points: `make demo` (ask a question against the demo KBs) and `make test`.
+# Each creates .venv and installs everything on first use. torch is pinned to the local CPU
+# wheel first so no dependency can pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS := local,llm,milvus,openai,serve,train,eval,dev
+DEMO_QUESTION ?= In which city is the national capital of the country whose flag is shown?
+DEMO_IMAGE ?= demo/questions/flag.jpg
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/kbrouter index --config demo/kbs.toml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/kbrouter ask --kbs demo/kbs.toml --image "$(DEMO_IMAGE)" "$(DEMO_QUESTION)"
+
+test: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .kbrouter demo/.kbrouter .pytest_cache .ruff_cache

@@ -1,0 +1,34 @@
+"""The ``kbrouter`` command line. Each command group lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from kbrouter.cli import ask_cmd, eval_cmd, kb_cmd, serve_cmd, train_cmd
+
+app = typer.Typer(
+    name="kbrouter",
+    help="Step-wise retrieval-augmented reasoning across text, image and table knowledge bases.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+for _module in (kb_cmd, ask_cmd, eval_cmd, train_cmd, serve_cmd):
+    _module.register(app)
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

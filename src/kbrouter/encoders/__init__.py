@@ -1,0 +1,1 @@
+"""Text and image encoders (sentence-transformers, EfficientNet-Lite0, CLIP-style models)."""

@@ -1,0 +1,1 @@
+"""Knowledge bases: ingest, index, persist and search text, table and image-text corpora."""

@@ -1,0 +1,47 @@
+"""The knowledge-base interface every KB implements and every upper layer uses."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from kbrouter.types import Evidence, Modality, Query
+
+
+class KBInfo(BaseModel):
+    """What the router and the CLI know about a KB without opening its index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    modality: Modality
+    aliases: list[str] = []
+
+
+class KnowledgeBase(ABC):
+    """A searchable, persisted knowledge base.
+
+    ``search`` is batched: one call takes many queries and returns one ranked evidence list per
+    query (best first, at most ``k`` items). Implementations are thread-safe for concurrent
+    ``search`` calls (the engine calls them from worker threads).
+    """
+
+    info: KBInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def modality(self) -> Modality:
+        return self.info.modality
+
+    @abstractmethod
+    def search(self, queries: Sequence[Query], k: int | None = None) -> list[list[Evidence]]:
+        """Return the top-``k`` evidence for each query (``k`` defaults to the KB's config)."""
+
+    def __len__(self) -> int:  # number of indexed items (chunks)
+        raise NotImplementedError

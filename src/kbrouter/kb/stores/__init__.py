@@ -1,0 +1,1 @@
+"""Vector stores for dense retrieval: FAISS (embedded default) and Milvus (Lite or cluster)."""

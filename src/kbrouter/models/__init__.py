@@ -1,0 +1,1 @@
+"""Chat model backends: OpenAI-compatible HTTP, llama.cpp in-process, transformers."""

@@ -1,0 +1,76 @@
+"""The policy interface: a method (R1-Router, a baseline, a learned router) as a strategy.
+
+A policy decides what to do for one question; the engine supplies a :class:`Runtime` through
+which every model call and every retrieval goes. The runtime records nothing by itself — the
+policy puts the returned :class:`~kbrouter.types.ModelCall` / :class:`~kbrouter.types.Retrieval`
+objects into the :class:`~kbrouter.types.Step` objects of the trajectory it returns — but it
+provides caching (replay), batching of retrievals across concurrent questions, error capture and
+timing, so every method gets them for free and every method's trajectories are comparable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Literal, Protocol
+
+from kbrouter.kb.base import KBInfo
+from kbrouter.types import ChatMessage, ModelCall, Query, Question, Retrieval, SamplingParams, Trajectory
+
+Purpose = Literal["route", "sub_answer", "final", "generate"]
+
+
+class Runtime(Protocol):
+    """What the engine offers a policy while it answers one question."""
+
+    @property
+    def kbs(self) -> list[KBInfo]:
+        """The registry's KBs (names, descriptions, modalities, aliases), in config order."""
+        ...
+
+    @property
+    def supports_images(self) -> bool:
+        """Whether the model backend sees image parts."""
+        ...
+
+    @property
+    def max_steps(self) -> int:
+        """Retrieval-step budget for this run."""
+        ...
+
+    @property
+    def top_k(self) -> int:
+        """How many evidence items per KB a sub-answer prompt shows."""
+        ...
+
+    def resolve_kb(self, name: str) -> str:
+        """Canonical KB name for a name or alias (case/space-insensitive).
+
+        Raises :class:`~kbrouter.errors.UnknownKBError`.
+        """
+        ...
+
+    async def chat(
+        self, purpose: Purpose, messages: list[ChatMessage], params: SamplingParams | None = None
+    ) -> ModelCall:
+        """Call the model. Never raises for backend failures: the returned call has ``error``
+        set and empty ``output`` so the policy can fall back and the trace says what happened."""
+        ...
+
+    async def retrieve(self, kb: str, query: Query, k: int | None = None) -> Retrieval:
+        """Search one KB (batched with other concurrent questions). Never raises for search
+        failures: ``error`` is set and ``evidence`` empty."""
+        ...
+
+
+class Policy(ABC):
+    """A question-answering method expressed over a :class:`Runtime`."""
+
+    name: str = "policy"
+
+    @abstractmethod
+    async def run(self, question: Question, rt: Runtime) -> Trajectory:
+        """Answer one question, returning its complete trajectory."""
+
+    def describe(self) -> dict[str, Any]:
+        """Config facts recorded with results."""
+        return {"policy": self.name}

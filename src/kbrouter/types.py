@@ -1,0 +1,240 @@
+"""The shared vocabulary every layer of kbrouter speaks.
+
+Knowledge bases return :class:`Evidence`; model backends take :class:`ChatMessage` lists and
+return :class:`ChatResult`; policies emit :class:`RouteAction`; the engine records
+:class:`Step` objects into a :class:`Trajectory`. All of them are pydantic models, so they
+validate on construction and round-trip through JSON (``model_dump_json`` /
+``model_validate_json``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Modality(StrEnum):
+    """The kind of items a knowledge base holds."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    TABLE = "table"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- questions
+
+
+class Question(_Model):
+    """A user question: text plus an optional image (path on disk)."""
+
+    text: str
+    image: Path | None = None
+    id: str | None = None
+
+
+class Query(_Model):
+    """What is sent to one knowledge base: a (sub-)question text and optionally an image."""
+
+    text: str
+    image: Path | None = None
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+class Table(_Model):
+    """A structured table: a header and rows of cell strings."""
+
+    header: list[str]
+    rows: list[list[str]]
+    title: str | None = None
+
+    def render(self, max_rows: int | None = None, max_cell_chars: int = 60) -> str:
+        """Compact pipe-separated rendering for prompts."""
+
+        def cell(v: str) -> str:
+            v = " ".join(str(v).split())
+            return v if len(v) <= max_cell_chars else v[: max_cell_chars - 1] + "…"
+
+        rows = self.rows if max_rows is None else self.rows[:max_rows]
+        lines = [" | ".join(cell(h) for h in self.header)]
+        lines += [" | ".join(cell(c) for c in r) for r in rows]
+        if max_rows is not None and len(self.rows) > max_rows:
+            lines.append(f"... ({len(self.rows) - max_rows} more rows)")
+        return "\n".join(lines)
+
+
+class Evidence(_Model):
+    """One retrieved item.
+
+    ``text`` is what a language model reads (passage, caption, or linearised table);
+    the modality payload (``image_path`` / ``table``) carries the structured item.
+    """
+
+    kb: str
+    id: str
+    score: float
+    text: str
+    title: str | None = None
+    modality: Modality = Modality.TEXT
+    image_path: Path | None = None
+    table: Table | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- model I/O
+
+
+class TextPart(_Model):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(_Model):
+    type: Literal["image"] = "image"
+    path: Path
+
+
+ContentPart = TextPart | ImagePart
+
+
+class ChatMessage(_Model):
+    """One chat turn. ``content`` is a string or a list of text/image parts."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        """The text of the message with image parts dropped."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[Path]:
+        if isinstance(self.content, str):
+            return []
+        return [p.path for p in self.content if isinstance(p, ImagePart)]
+
+
+class SamplingParams(_Model):
+    """Decoding settings. ``temperature=0`` means greedy (the evaluation default)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+    grammar: str | None = None
+    """Optional GBNF grammar (llama.cpp) constraining the output; backends that cannot use it ignore it."""
+
+
+class ChatResult(_Model):
+    """What a chat backend returns for one request."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    model: str = ""
+    cached: bool = False
+    finish_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+class RouteAction(_Model):
+    """A parsed router decision.
+
+    ``kbs`` empty and ``sub_question`` None means "stop and answer".
+    """
+
+    think: str = ""
+    sub_question: str | None = None
+    kbs: list[str] = Field(default_factory=list)
+
+    @property
+    def is_stop(self) -> bool:
+        return self.sub_question is None and not self.kbs
+
+
+class ModelCall(_Model):
+    """One model call as recorded in a trajectory."""
+
+    purpose: Literal["route", "sub_answer", "final", "generate"]
+    messages: list[ChatMessage]
+    output: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    cached: bool = False
+    error: str | None = None
+
+
+class Retrieval(_Model):
+    """One retrieval call: query sent to one KB and the evidence that came back."""
+
+    kb: str
+    query: Query
+    evidence: list[Evidence]
+    seconds: float = 0.0
+    cached: bool = False
+    error: str | None = None
+
+
+class Step(_Model):
+    """One step of the loop: route, (retrieve, answer the sub-question)."""
+
+    index: int
+    route_calls: list[ModelCall] = Field(default_factory=list)
+    action: RouteAction | None = None
+    retrievals: list[Retrieval] = Field(default_factory=list)
+    answer_call: ModelCall | None = None
+    sub_answer: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    """Human-readable record of anything unusual: format retries, fallbacks, errors."""
+
+
+StopReason = Literal["answered", "budget", "format_fallback", "error", "no_retrieval"]
+
+
+class Trajectory(_Model):
+    """The complete record of answering one question with one method."""
+
+    question: Question
+    method: str
+    steps: list[Step] = Field(default_factory=list)
+    final_call: ModelCall | None = None
+    answer: str = ""
+    stop_reason: StopReason = "answered"
+    seconds: float = 0.0
+    config: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+    def model_calls(self) -> list[ModelCall]:
+        calls: list[ModelCall] = []
+        for s in self.steps:
+            calls.extend(s.route_calls)
+            if s.answer_call is not None:
+                calls.append(s.answer_call)
+        if self.final_call is not None:
+            calls.append(self.final_call)
+        return calls
+
+    def retrievals(self) -> list[Retrieval]:
+        return [r for s in self.steps for r in s.retrievals]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.model_calls())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.model_calls())
