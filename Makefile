@@ -24,13 +24,13 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/kbrouter ask --kbs demo/kbs.toml --image "$(DEMO_IMAGE)" "$(DEMO_QUESTION)"
 
 test: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks demo
+	$(VENV)/bin/ruff format --check src tests benchmarks demo
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks demo
+	$(VENV)/bin/ruff format src tests benchmarks demo
 
 clean:
 	rm -rf $(VENV) .kbrouter demo/.kbrouter .pytest_cache .ruff_cache
