@@ -23,10 +23,12 @@ class ChatModel(ABC):
     context_window: int | None = None
 
     @abstractmethod
-    async def chat(self, messages: list[ChatMessage], params: SamplingParams | None = None) -> ChatResult:
+    async def chat(
+        self, messages: list[ChatMessage], params: SamplingParams | None = None
+    ) -> ChatResult:
         """Generate one assistant reply."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release resources (HTTP clients, model memory)."""
 
     def describe(self) -> dict:
