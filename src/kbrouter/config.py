@@ -170,7 +170,9 @@ class RegistryConfig(_Cfg):
             for n in [kb.name, *kb.aliases]:
                 key = n.strip().lower()
                 if key in seen:
-                    raise ValueError(f"KB name or alias {n!r} is used twice ({seen[key]}, {kb.name})")
+                    raise ValueError(
+                        f"KB name or alias {n!r} is used twice ({seen[key]}, {kb.name})"
+                    )
                 seen[key] = kb.name
         return self
 

@@ -15,7 +15,9 @@ class TextEncoder(ABC):
     dim: int
 
     @abstractmethod
-    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
         """Encode texts to an (n, dim) float32 array of unit vectors."""
 
 
@@ -26,7 +28,9 @@ class ImageEncoder(ABC):
     """True for CLIP-style models whose text and image vectors share one space."""
 
     @abstractmethod
-    def encode_images(self, paths: Sequence[Path], batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    def encode_images(
+        self, paths: Sequence[Path], batch_size: int = 16, progress: bool = False
+    ) -> np.ndarray:
         """Encode image files to an (n, dim) float32 array of unit vectors.
 
         Raises :class:`~kbrouter.errors.ImageError` naming the file that is missing or undecodable.

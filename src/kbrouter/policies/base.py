@@ -14,7 +14,15 @@ from abc import ABC, abstractmethod
 from typing import Any, Literal, Protocol
 
 from kbrouter.kb.base import KBInfo
-from kbrouter.types import ChatMessage, ModelCall, Query, Question, Retrieval, SamplingParams, Trajectory
+from kbrouter.types import (
+    ChatMessage,
+    ModelCall,
+    Query,
+    Question,
+    Retrieval,
+    SamplingParams,
+    Trajectory,
+)
 
 Purpose = Literal["route", "sub_answer", "final", "generate"]
 
