@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-
-# OpenMP spin-waiting is pathological on shared CPUs (5-20x slower FAISS/torch); set before they load.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting is slow on shared CPUs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]

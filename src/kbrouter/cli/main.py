@@ -20,6 +20,8 @@ app = typer.Typer(
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # OpenMP spin-waiting is pathological on shared CPUs; set before torch/faiss load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
