@@ -90,3 +90,13 @@ def test_prompt_switches_restore_kv_state_exactly(model: LlamaCppModel):
     again = _chat(model, messages=a)
     assert again.text == first.text
     assert again.prompt_tokens == first.prompt_tokens
+    # With room for one saved state, saving the current state evicts the one to restore;
+    # the restore must still happen (this used to raise KeyError inside the cache).
+    budget = model.config.cache_bytes
+    model.config.cache_bytes = 1
+    c = [ChatMessage(role="system", content="You list prime numbers. " * 12), QUESTION[1]]
+    try:
+        _chat(model, messages=c)  # a third family: its state is new, so saving it evicts a's
+        assert _chat(model, messages=a).text == first.text
+    finally:
+        model.config.cache_bytes = budget

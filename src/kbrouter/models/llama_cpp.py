@@ -398,10 +398,12 @@ class LlamaCppModel(ChatModel):
             if n > best:
                 best_key, best = key, n
         switching = llm.n_tokens > 0 and shared < llm.n_tokens // 2
+        # Take the state to restore before saving the current one: saving may evict it (LRU).
+        restore = self._states[best_key] if best_key is not None else None
         if (switching or best_key is not None) and len(current) >= _MIN_SAVE_TOKENS:
             self._save_state(tuple(current))
-        if best_key is not None:
-            self._load_state(best_key)
+        if best_key is not None and restore is not None:
+            self._load_state(best_key, restore)
 
     def _save_state(self, key: tuple[int, ...]) -> None:
         import ctypes
@@ -422,13 +424,13 @@ class LlamaCppModel(ChatModel):
         ):
             self._states.popitem(last=False)
 
-    def _load_state(self, key: tuple[int, ...]) -> None:
+    def _load_state(self, key: tuple[int, ...], data: bytes) -> None:
         import ctypes
 
         import llama_cpp
 
-        data = self._states[key]
-        self._states.move_to_end(key)
+        if key in self._states:
+            self._states.move_to_end(key)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         llm = self._llm
         if llama_cpp.llama_state_set_data(llm._ctx.ctx, buf, len(data)) != len(data):
