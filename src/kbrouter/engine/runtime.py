@@ -1,0 +1,366 @@
+"""The engine's :class:`~kbrouter.policies.base.Runtime`: timing, error capture, replay cache and
+retrieval batching across concurrent questions.
+
+One :class:`RunContext` lives for one ``Engine.answer``/``answer_many`` call (it owns the
+per-KB micro-batchers, which are bound to the running event loop); each question gets a light
+:class:`QuestionRuntime` view of it.
+
+Batching: every KB has a :class:`KBBatcher`. A query waits until either as many queries are
+pending as there are questions in flight (nobody else can add one), the batch is full, or a
+short window (a few ms) has passed; then the whole batch goes to one ``kb.search`` call in a
+worker thread. While a search runs, new queries queue up and form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from kbrouter.engine.cache import FileHasher, ReplayCache, chat_key, manifest_id, search_key
+from kbrouter.engine.events import EventCallback, TraceEvent
+from kbrouter.errors import UnknownKBError
+from kbrouter.kb.base import KBInfo, KnowledgeBase
+from kbrouter.models.base import ChatModel
+from kbrouter.policies.base import Purpose
+from kbrouter.types import (
+    ChatMessage,
+    ChatResult,
+    Evidence,
+    ModelCall,
+    Query,
+    Question,
+    Retrieval,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+
+class KBSource(Protocol):
+    """What the engine needs from a KB registry (``kbrouter.kb.registry.KBRegistry`` fits)."""
+
+    @property
+    def infos(self) -> list[KBInfo]: ...
+
+    def resolve(self, name: str) -> str: ...
+
+    def get(self, name: str) -> KnowledgeBase: ...
+
+
+def merge_params(defaults: SamplingParams, params: SamplingParams | None) -> SamplingParams:
+    """``defaults`` overridden by the fields EXPLICITLY set in ``params``.
+
+    So a policy can write ``SamplingParams(max_tokens=64)`` and keep the engine's temperature
+    and seed.
+    """
+    if params is None:
+        return defaults
+    update = {name: getattr(params, name) for name in params.model_fields_set}
+    return defaults.model_copy(update=update) if update else defaults
+
+
+def _error_text(e: BaseException, limit: int = 500) -> str:
+    msg = str(e) or type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
+
+
+@dataclasses.dataclass
+class _Pending:
+    query: Query
+    future: asyncio.Future[list[Evidence]]
+
+
+class KBBatcher:
+    """Merges concurrent searches of one KB into batched ``kb.search`` calls (one event loop)."""
+
+    def __init__(
+        self,
+        kb: KnowledgeBase,
+        *,
+        k: int,
+        window: float,
+        max_batch: int,
+        in_flight: Callable[[], int],
+    ) -> None:
+        self.kb = kb
+        self.k = k
+        self.window = window
+        self.max_batch = max_batch
+        self._in_flight = in_flight
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self.batches: list[int] = []
+        """Sizes of the batches sent so far (for tests and benchmarks)."""
+
+    async def search(self, query: Query) -> list[Evidence]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._run(), name=f"kb-batcher-{self.kb.name}")
+        fut: asyncio.Future[list[Evidence]] = loop.create_future()
+        self._queue.put_nowait(_Pending(query, fut))
+        return await fut
+
+    async def _collect(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.window
+        while len(batch) < self.max_batch:
+            while not self._queue.empty() and len(batch) < self.max_batch:
+                batch.append(self._queue.get_nowait())
+            if len(batch) >= min(self.max_batch, max(1, self._in_flight())):
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [p for p in batch if not p.future.cancelled()]
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            self.batches.append(len(batch))
+            try:
+                results = await asyncio.to_thread(self.kb.search, [p.query for p in batch], self.k)
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"KB {self.kb.name!r} returned {len(results)} result lists for "
+                        f"{len(batch)} queries"
+                    )
+            except Exception as e:  # delivered to every waiting question
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            for p, res in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(list(res))
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._worker
+            self._worker = None
+
+
+class RunContext:
+    """State shared by the questions of one engine run: model, KBs, cache, batchers."""
+
+    def __init__(
+        self,
+        *,
+        model: ChatModel,
+        kbs: KBSource,
+        sampling: SamplingParams,
+        max_steps: int,
+        top_k: int,
+        retrieve_k: int,
+        use_grammar: bool,
+        cache: ReplayCache | None,
+        batch_window: float,
+        max_batch: int,
+        on_event: EventCallback | None,
+    ) -> None:
+        self.model = model
+        self.kb_source = kbs
+        self.sampling = sampling
+        self.max_steps = max_steps
+        self.top_k = top_k
+        self.retrieve_k = retrieve_k
+        self.supports_grammar = bool(use_grammar and model.supports_grammar)
+        self.cache = cache
+        self.batch_window = batch_window
+        self.max_batch = max_batch
+        self.on_event = on_event
+        self.in_flight = 0
+        self.infos = list(kbs.infos)
+        self._model_desc = {"name": model.name, **_safe_describe(model)}
+        self._hasher = FileHasher()
+        self._batchers: dict[str, KBBatcher] = {}
+        self._manifests: dict[str, str | None] = {}
+
+    def batcher(self, kb_name: str, k: int) -> KBBatcher:
+        key = f"{kb_name}\x00{k}"
+        b = self._batchers.get(key)
+        if b is None:
+            b = KBBatcher(
+                self.kb_source.get(kb_name),
+                k=k,
+                window=self.batch_window,
+                max_batch=self.max_batch,
+                in_flight=lambda: self.in_flight,
+            )
+            self._batchers[key] = b
+        return b
+
+    @property
+    def batchers(self) -> dict[str, KBBatcher]:
+        return dict(self._batchers)
+
+    def manifest(self, kb_name: str) -> str | None:
+        if kb_name not in self._manifests:
+            try:
+                self._manifests[kb_name] = manifest_id(self.kb_source.get(kb_name))
+            except Exception:  # a KB that cannot open fails at search time, with a message
+                self._manifests[kb_name] = None
+        return self._manifests[kb_name]
+
+    # ------------------------------------------------------------------ calls
+
+    async def chat(
+        self, purpose: Purpose, messages: list[ChatMessage], params: SamplingParams | None
+    ) -> ModelCall:
+        p = merge_params(self.sampling, params)
+        if p.grammar is not None and not self.supports_grammar:
+            p = p.model_copy(update={"grammar": None})
+        key = None
+        if self.cache is not None:
+            key = chat_key(self._model_desc, messages, p, self._hasher)
+            hit = self.cache.get_chat(key)
+            if hit is not None:
+                return ModelCall(
+                    purpose=purpose,
+                    messages=messages,
+                    output=hit.text,
+                    prompt_tokens=hit.prompt_tokens,
+                    completion_tokens=hit.completion_tokens,
+                    seconds=hit.seconds,
+                    cached=True,
+                )
+        t0 = time.perf_counter()
+        try:
+            result: ChatResult = await self.model.chat(messages, p)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("model call (%s) failed: %s", purpose, e)
+            return ModelCall(
+                purpose=purpose,
+                messages=messages,
+                output="",
+                seconds=time.perf_counter() - t0,
+                error=f"{type(e).__name__}: {_error_text(e)}",
+            )
+        seconds = time.perf_counter() - t0
+        if self.cache is not None and key is not None:
+            self.cache.put_chat(key, result.model_copy(update={"seconds": seconds}))
+        return ModelCall(
+            purpose=purpose,
+            messages=messages,
+            output=result.text,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            seconds=seconds,
+            cached=bool(result.cached),
+        )
+
+    async def retrieve(self, kb: str, query: Query, k: int | None) -> Retrieval:
+        k = k or self.retrieve_k
+        try:
+            name = self.kb_source.resolve(kb)
+        except UnknownKBError as e:
+            return Retrieval(kb=kb, query=query, evidence=[], error=str(e))
+        key = None
+        if self.cache is not None:
+            key = search_key(name, self.manifest(name), query, k, self._hasher)
+            hit = self.cache.get_search(key)
+            if hit is not None:
+                evidence, seconds = hit
+                return Retrieval(
+                    kb=name, query=query, evidence=evidence, seconds=seconds, cached=True
+                )
+        t0 = time.perf_counter()
+        try:
+            evidence = await self.batcher(name, k).search(query)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("search of KB %r failed: %s", name, e)
+            return Retrieval(
+                kb=name,
+                query=query,
+                evidence=[],
+                seconds=time.perf_counter() - t0,
+                error=f"{type(e).__name__}: {_error_text(e)}",
+            )
+        seconds = time.perf_counter() - t0
+        if self.cache is not None and key is not None:
+            self.cache.put_search(key, evidence, seconds)
+        return Retrieval(kb=name, query=query, evidence=evidence, seconds=seconds)
+
+    async def aclose(self) -> None:
+        for b in self._batchers.values():
+            await b.aclose()
+
+
+def _safe_describe(model: ChatModel) -> dict[str, Any]:
+    try:
+        return dict(model.describe())
+    except Exception:
+        return {}
+
+
+class QuestionRuntime:
+    """The :class:`~kbrouter.policies.base.Runtime` one question's policy run sees."""
+
+    def __init__(self, ctx: RunContext, index: int | None = None) -> None:
+        self._ctx = ctx
+        self.index = index
+
+    @property
+    def kbs(self) -> list[KBInfo]:
+        return self._ctx.infos
+
+    @property
+    def supports_images(self) -> bool:
+        return bool(self._ctx.model.supports_images)
+
+    @property
+    def supports_grammar(self) -> bool:
+        """Whether GBNF grammars are enforced (backend support and the engine switch)."""
+        return self._ctx.supports_grammar
+
+    @property
+    def max_steps(self) -> int:
+        return self._ctx.max_steps
+
+    @property
+    def top_k(self) -> int:
+        return self._ctx.top_k
+
+    def resolve_kb(self, name: str) -> str:
+        return self._ctx.kb_source.resolve(name)
+
+    async def chat(
+        self, purpose: Purpose, messages: list[ChatMessage], params: SamplingParams | None = None
+    ) -> ModelCall:
+        return await self._ctx.chat(purpose, messages, params)
+
+    async def retrieve(self, kb: str, query: Query, k: int | None = None) -> Retrieval:
+        return await self._ctx.retrieve(kb, query, k)
+
+    def emit(self, event: TraceEvent) -> None:
+        """Forward a progress event to the engine's ``on_event`` callback (errors are logged)."""
+        cb = self._ctx.on_event
+        if cb is None:
+            return
+        try:
+            cb(dataclasses.replace(event, index=self.index))
+        except Exception:
+            log.exception("on_event callback failed")
+
+    def question_started(self, question: Question) -> None:
+        self._ctx.in_flight += 1
+
+    def question_finished(self, question: Question) -> None:
+        self._ctx.in_flight -= 1

@@ -1,0 +1,417 @@
+"""Prompts of the step-wise loop, built from the KB registry.
+
+Three prompts, each ``system`` (+ fixed few-shot turns) followed by ONE variable user turn:
+
+- **route**: the paper's decomposition rules with the KB list and guidance generalised from the
+  registry (names, descriptions, modalities), optionally one few-shot example per KB plus a
+  stop example (the 0.5B model keeps the tag format only with them);
+- **sub-answer**: the top-k evidence, tagged by KB (passages, compact tables, image captions),
+  and the sub-question (+ the question's image when the backend sees images);
+- **final answer**: the question (+ image) and the full history of sub-questions and answers.
+
+The system prompt and few-shot turns depend only on the registry and the backend's image
+support, never on the question, so llama.cpp reuses its KV cache for the common prefix; all
+variable content comes last. System prompt texts live in ``prompts/*.txt``.
+
+:func:`route_grammar` gives a GBNF grammar for the router format (``<ret>`` restricted to the
+KB names or ``None``) for backends that enforce grammars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from kbrouter.kb.base import KBInfo
+from kbrouter.policies.parser import format_route
+from kbrouter.types import (
+    ChatMessage,
+    ContentPart,
+    Evidence,
+    ImagePart,
+    Modality,
+    Question,
+    RouteAction,
+    TextPart,
+)
+
+__all__ = [
+    "Hop",
+    "PromptBuilder",
+    "load_prompt",
+    "render_evidence",
+    "render_history",
+    "question_content",
+    "route_grammar",
+]
+
+
+def load_prompt(name: str) -> str:
+    """The text of ``prompts/<name>.txt`` shipped with the package."""
+    return (
+        resources.files("kbrouter.policies")
+        .joinpath("prompts", f"{name}.txt")
+        .read_text(encoding="utf-8")
+        .strip()
+    )
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One completed step of the history: a sub-question, where it was asked, its answer."""
+
+    sub_question: str
+    answer: str
+    kbs: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_evidence(
+    evidence: Sequence[Evidence], *, max_chars: int = 700, max_table_rows: int = 12
+) -> str:
+    """Numbered evidence lines tagged by KB: ``(1) [kb] Title: text``.
+
+    Tables are rendered compactly with :meth:`~kbrouter.types.Table.render`; image evidence
+    shows its caption/description text.
+    """
+    if not evidence:
+        return "(no evidence was found)"
+    lines = []
+    for i, ev in enumerate(evidence, 1):
+        head = f"({i}) [{ev.kb}]"
+        if ev.title:
+            head += f" {' '.join(ev.title.split())}:"
+        if ev.table is not None:
+            body = "\n" + ev.table.render(max_rows=max_table_rows, max_cell_chars=40)
+        else:
+            body = " " + " ".join(ev.text.split())
+            if len(body) > max_chars:
+                body = body[: max_chars - 1].rstrip() + "…"
+        lines.append(head + body)
+    return "\n".join(lines)
+
+
+def render_history(history: Sequence[Hop]) -> str:
+    """``Sub-question i: ... / Answer i: ...`` lines (``(none yet)`` when empty)."""
+    if not history:
+        return "(none yet)"
+    lines = []
+    for i, hop in enumerate(history, 1):
+        lines.append(f"Sub-question {i}: {hop.sub_question}")
+        lines.append(f"Answer {i}: {hop.answer or '(no answer found)'}")
+    return "\n".join(lines)
+
+
+def _image_kbs(kbs: Sequence[KBInfo]) -> list[str]:
+    return [kb.name for kb in kbs if kb.modality == Modality.IMAGE]
+
+
+def image_note(kbs: Sequence[KBInfo], purpose: str) -> str:
+    """What a text-only model is told when the question has an image it cannot see."""
+    if purpose == "route":
+        names = _image_kbs(kbs)
+        if names:
+            where = " or ".join(f'"{n}"' for n in names)
+            return (
+                "[An image is attached to this question, but you cannot see it. Ask about what "
+                f"the image shows with the {where} knowledge base, which searches with the "
+                "image itself.]"
+            )
+        return "[An image is attached to this question, but you cannot see it.]"
+    return "[An image is attached to the question, but you cannot see it; rely on the text.]"
+
+
+def question_content(
+    question: Question, text: str, *, supports_images: bool, note: str | None = None
+) -> str | list[ContentPart]:
+    """User content carrying ``text`` and, if the question has an image, that image (as an
+    :class:`~kbrouter.types.ImagePart` for image-capable backends, else ``note`` appended)."""
+    if question.image is None:
+        return text
+    if supports_images:
+        return [ImagePart(path=question.image), TextPart(text=text)]
+    return f"{text}\n{note}" if note else text
+
+
+# --------------------------------------------------------------------------- few-shot
+
+# (question, has_image, history, think, sub_question) per modality; two variants each so that
+# two KBs of the same modality get different examples.
+_EXAMPLES: dict[Modality, list[tuple[str, bool, list[Hop], str, str]]] = {
+    Modality.TEXT: [
+        (
+            "In which country was the director of the film Titanic (1997) born?",
+            False,
+            [Hop("Who directed the film Titanic (1997)?", "James Cameron")],
+            "Titanic was directed by James Cameron. I still need his country of birth, "
+            "which is general knowledge.",
+            "In which country was James Cameron born?",
+        ),
+        (
+            "Who wrote the novel that the film Blade Runner is based on?",
+            False,
+            [],
+            "I need the novel behind Blade Runner first; this is general knowledge.",
+            "Which novel is the film Blade Runner based on?",
+        ),
+    ],
+    Modality.IMAGE: [
+        (
+            "In what year was the building in the image completed?",
+            True,
+            [],
+            "I do not know which building the image shows. I must identify it first, "
+            "which needs a search with the image.",
+            "What is the name of the building shown in the image?",
+        ),
+        (
+            "Which country is the animal in the image native to?",
+            True,
+            [],
+            "I must first find out which animal the image shows.",
+            "What animal is shown in the image?",
+        ),
+    ],
+    Modality.TABLE: [
+        (
+            "How many gold medals did Norway win at the 2018 Winter Olympics?",
+            False,
+            [],
+            "This is a statistic, which is best found in a table.",
+            "How many gold medals did Norway win at the 2018 Winter Olympics?",
+        ),
+        (
+            "What was the population of the largest city of Australia in 2021?",
+            False,
+            [Hop("What is the largest city of Australia?", "Sydney")],
+            "The largest city is Sydney. Its population is a number, found in a table.",
+            "What was the population of Sydney in 2021?",
+        ),
+    ],
+}
+
+_STOP_EXAMPLE = (
+    "Which river flows through the capital of France?",
+    [
+        Hop("What is the capital of France?", "Paris"),
+        Hop("Which river flows through Paris?", "the Seine"),
+    ],
+    "The capital is Paris and the Seine flows through Paris. I can answer now.",
+)
+
+_GUIDANCE = {
+    Modality.TEXT: "general, non-visual knowledge about people, places, events and things",
+    Modality.IMAGE: "anything visual, and identifying what the question's image shows",
+    Modality.TABLE: "numbers, statistics, rankings, records and other tabular facts",
+}
+
+
+# --------------------------------------------------------------------------- builder
+
+
+class PromptBuilder:
+    """Builds the messages of every call of the loop for one KB registry and backend.
+
+    Args:
+        kbs: the registry's KBs, in config order.
+        supports_images: whether the backend sees image parts (else a text note is used).
+        few_shot: add one router example per KB plus a stop example (small models keep the
+            tag format only with them).
+        answer_few_shot: add one example each to the sub-answer and final prompts (off by
+            default: the 0.5B model was seen copying the example's answer).
+    """
+
+    def __init__(
+        self,
+        kbs: Sequence[KBInfo],
+        *,
+        supports_images: bool,
+        few_shot: bool = True,
+        answer_few_shot: bool = False,
+    ) -> None:
+        if not kbs:
+            raise ValueError("a PromptBuilder needs at least one knowledge base")
+        self.kbs = list(kbs)
+        self.supports_images = supports_images
+        self.few_shot = few_shot
+        self.answer_few_shot = answer_few_shot
+        self._route_prefix = self._build_route_prefix()
+        self._sub_prefix = self._build_sub_answer_prefix()
+        self._final_prefix = self._build_final_prefix()
+
+    # ---------------------------------------------------------------- route
+
+    def router_system_prompt(self) -> str:
+        kb_list = "\n".join(f"- {kb.name}: {' '.join(kb.description.split())}" for kb in self.kbs)
+        guidance = []
+        for modality, what in _GUIDANCE.items():
+            names = [kb.name for kb in self.kbs if kb.modality == modality]
+            if names:
+                guidance.append(f"- {what}: {' or '.join(names)}")
+        guidance.append(
+            "- write None in <ret> only together with None in <sub-question>, when you can "
+            "answer the original question"
+        )
+        return load_prompt("router_system").format(kb_list=kb_list, kb_guidance="\n".join(guidance))
+
+    def _route_user_text(self, text: str, has_image: bool, history: Sequence[Hop]) -> str:
+        parts = [f"Question: {' '.join(text.split())}"]
+        if has_image and not self.supports_images:
+            parts.append(image_note(self.kbs, "route"))
+        parts.append(f"Answers found so far:\n{render_history(history)}")
+        parts.append("What is the next sub-question, and which knowledge base answers it?")
+        return "\n".join(parts)
+
+    def _build_route_prefix(self) -> list[ChatMessage]:
+        msgs = [ChatMessage(role="system", content=self.router_system_prompt())]
+        if not self.few_shot:
+            return msgs
+        # The stop example comes first: small models copy the most recent example most.
+        q, hist, think = _STOP_EXAMPLE
+        msgs.append(ChatMessage(role="user", content=self._route_user_text(q, False, hist)))
+        msgs.append(ChatMessage(role="assistant", content=format_route(RouteAction(think=think))))
+        used: dict[Modality, int] = {}
+        for kb in self.kbs:
+            variants = _EXAMPLES[kb.modality]
+            i = used.get(kb.modality, 0)
+            used[kb.modality] = i + 1
+            q, has_image, hist, think, sub_q = variants[i % len(variants)]
+            msgs.append(ChatMessage(role="user", content=self._route_user_text(q, has_image, hist)))
+            action = RouteAction(think=think, sub_question=sub_q, kbs=[kb.name])
+            msgs.append(ChatMessage(role="assistant", content=format_route(action)))
+        return msgs
+
+    def route_messages(self, question: Question, history: Sequence[Hop]) -> list[ChatMessage]:
+        """System + few-shot (fixed) then the question and the history so far."""
+        text = self._route_user_text(question.text, question.image is not None, history)
+        content = question_content(question, text, supports_images=self.supports_images)
+        return [*self._route_prefix, ChatMessage(role="user", content=content)]
+
+    def corrective_messages(
+        self, messages: Sequence[ChatMessage], bad_output: str, problem: str
+    ) -> list[ChatMessage]:
+        """``messages`` + the rejected reply + a user turn naming the problem."""
+        names = ", ".join(kb.name for kb in self.kbs)
+        fix = (
+            f"Your reply could not be used: {problem}. Reply again in exactly this format: "
+            "<think>your reasoning</think><sub-question>one question, or None</sub-question>"
+            f"<ret>a knowledge base name, or None</ret>. The knowledge base names are: {names}."
+        )
+        return [
+            *messages,
+            ChatMessage(role="assistant", content=bad_output or "(empty reply)"),
+            ChatMessage(role="user", content=fix),
+        ]
+
+    # ---------------------------------------------------------------- sub-answer
+
+    def _build_sub_answer_prefix(self) -> list[ChatMessage]:
+        msgs = [ChatMessage(role="system", content=load_prompt("sub_answer_system"))]
+        if self.answer_few_shot:
+            ev = [
+                Evidence(
+                    kb=self.kbs[0].name,
+                    id="ex-1",
+                    score=1.0,
+                    title="James Cameron",
+                    text="James Francis Cameron (born August 16, 1954) is a Canadian "
+                    "filmmaker, born in Kapuskasing, Ontario.",
+                )
+            ]
+            msgs.append(
+                ChatMessage(
+                    role="user",
+                    content=self._sub_user_text("In which country was James Cameron born?", ev),
+                )
+            )
+            msgs.append(
+                ChatMessage(
+                    role="assistant",
+                    content="<think>Evidence 1 says he was born in Kapuskasing, Ontario, which "
+                    "is in Canada.</think>\n<answer>Canada</answer>",
+                )
+            )
+        return msgs
+
+    @staticmethod
+    def _sub_user_text(sub_question: str, evidence: Sequence[Evidence]) -> str:
+        return f"Evidence:\n{render_evidence(evidence)}\nSub-question: {sub_question}"
+
+    def sub_answer_messages(
+        self, question: Question, sub_question: str, evidence: Sequence[Evidence]
+    ) -> list[ChatMessage]:
+        """System (+ example) then the evidence and the sub-question (+ the question image)."""
+        text = self._sub_user_text(sub_question, evidence)
+        content = question_content(
+            question,
+            text,
+            supports_images=self.supports_images,
+            note=image_note(self.kbs, "sub_answer"),
+        )
+        return [*self._sub_prefix, ChatMessage(role="user", content=content)]
+
+    # ---------------------------------------------------------------- final answer
+
+    def _build_final_prefix(self) -> list[ChatMessage]:
+        msgs = [ChatMessage(role="system", content=load_prompt("final_system"))]
+        if self.answer_few_shot:
+            q, hist, _ = _STOP_EXAMPLE
+            msgs.append(ChatMessage(role="user", content=self._final_user_text(q, hist)))
+            msgs.append(
+                ChatMessage(
+                    role="assistant",
+                    content="<think>The capital of France is Paris, and the Seine flows through "
+                    "Paris.</think>\n<answer>the Seine</answer>",
+                )
+            )
+        return msgs
+
+    @staticmethod
+    def _final_user_text(text: str, history: Sequence[Hop]) -> str:
+        return (
+            f"Question: {' '.join(text.split())}\n"
+            f"Answers found so far:\n{render_history(history)}\n"
+            "What is the answer to the question?"
+        )
+
+    def final_messages(self, question: Question, history: Sequence[Hop]) -> list[ChatMessage]:
+        """System (+ example) then the question (+ image) and the FULL history."""
+        text = self._final_user_text(question.text, history)
+        content = question_content(
+            question, text, supports_images=self.supports_images, note=image_note(self.kbs, "final")
+        )
+        return [*self._final_prefix, ChatMessage(role="user", content=content)]
+
+    # ---------------------------------------------------------------- grammar
+
+    def route_grammar(self, *, allow_stop: bool = True) -> str:
+        return route_grammar([kb.name for kb in self.kbs], allow_stop=allow_stop)
+
+
+def _gbnf_literal(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True) -> str:
+    """A GBNF grammar for the router output: think, then either ``None``/``None`` (only if
+    ``allow_stop``) or one sub-question ending in ``?`` (so a bare ``None`` cannot pair with a
+    KB name) and one or more comma-separated KB names from ``kb_names``."""
+    if not kb_names:
+        raise ValueError("route_grammar needs at least one KB name")
+    kb_alts = " | ".join(_gbnf_literal(n) for n in kb_names)
+    branches = "( stop | go )" if allow_stop else "go"
+    return "\n".join(
+        [
+            f'root ::= "<think>" think "</think>" nl {branches}',
+            "think ::= [^<]*",
+            'stop ::= "<sub-question>None</sub-question>" nl "<ret>None</ret>"',
+            'go ::= "<sub-question>" subq "</sub-question>" nl "<ret>" kbs "</ret>"',
+            'subq ::= [^<\\n?]+ "?"',
+            'kbs ::= kb ( ", " kb )*',
+            f"kb ::= {kb_alts}",
+            'nl ::= "\\n"?',
+        ]
+    )

@@ -1,0 +1,121 @@
+"""``kbrouter ask``: bad input gives a clear error; a full run builds the index and traces."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kbrouter.cli.main import app
+from kbrouter.types import Trajectory
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "demo"
+sys.path.insert(0, str(REPO / "tests" / "models"))
+
+runner = CliRunner()
+
+
+def _out(result) -> str:
+    return result.stdout + (result.stderr or "")
+
+
+def test_missing_image_is_a_clear_error(tmp_path: Path):
+    """A missing --image exits with code 2 and names the file (no traceback)."""
+    result = runner.invoke(app, ["ask", "What flag?", "--image", str(tmp_path / "nope.jpg")])
+    assert result.exit_code == 2
+    assert "image not found" in _out(result) and "nope.jpg" in _out(result)
+    assert "Traceback" not in _out(result)
+
+
+def test_undecodable_image_is_a_clear_error(tmp_path: Path):
+    """A file that is not an image exits with code 2 and says it cannot be decoded."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    result = runner.invoke(app, ["ask", "What flag?", "--image", str(bad)])
+    assert result.exit_code == 2
+    assert "cannot decode image" in _out(result)
+
+
+@pytest.fixture()
+def lexical_config(tmp_path: Path) -> Path:
+    """The demo KBs (BM25 only) with their index in a fresh temp dir (not built yet)."""
+    cfg = tmp_path / "kbs.toml"
+    cfg.write_text(
+        f"""
+index_dir = "{tmp_path / "index"}"
+[[kb]]
+name = "text"
+description = "Encyclopedia passages."
+modality = "text"
+source = {{ path = "{DEMO / "text.jsonl"}" }}
+retrieval = {{ mode = "bm25" }}
+[[kb]]
+name = "tables"
+description = "Fact tables with numbers."
+modality = "table"
+source = {{ manifest = "{DEMO / "tables.jsonl"}" }}
+retrieval = {{ mode = "bm25" }}
+"""
+    )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    from chat_server import ChatServer
+
+    with ChatServer() as server:
+        yield server
+
+
+def test_json_run_builds_index_and_prints_trajectory(lexical_config: Path, fake_server):
+    """An unbuilt index is built; --json prints only a valid trajectory. The fake server's
+    echo replies are not in router format, so the run shows the retry-then-fallback path."""
+    model = f"openai:fake@{fake_server.base_url}"
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            "What is the capital of Peru?",
+            "--kbs",
+            str(lexical_config),
+            "-m",
+            model,
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, _out(result)
+    traj = Trajectory.model_validate_json(result.stdout)
+    assert traj.question.text == "What is the capital of Peru?"
+    assert traj.stop_reason == "format_fallback"
+    assert len(traj.steps[0].route_calls) == 3
+    assert traj.answer.startswith("echo:")
+    assert (lexical_config.parent / "index").is_dir()
+
+
+def test_live_trace_run_prints_notes_and_answer(lexical_config: Path, fake_server):
+    """Without --json the trace (notes) and the answer panel are printed."""
+    model = f"openai:fake@{fake_server.base_url}"
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            "What is the capital of Peru?",
+            "--kbs",
+            str(lexical_config),
+            "-m",
+            model,
+            "--max-steps",
+            "1",
+            "--no-grammar",
+        ],
+    )
+    assert result.exit_code == 0, _out(result)
+    assert "note: router output rejected" in result.stdout
+    assert "answer" in result.stdout and "echo:" in result.stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.stdout)
