@@ -65,6 +65,17 @@ def test_render_evidence_tags_kb_and_renders_tables_compactly():
     assert render_evidence([]) == "(no evidence was found)"
 
 
+def test_render_evidence_flags_image_to_image_matches():
+    """A text-only model is told which picture matched the question's image."""
+    ev = [
+        Evidence(kb="images", id="f", score=0.95, text="Flag of Peru.", metadata={"pinned": True}),
+        Evidence(kb="images", id="g", score=0.05, text="Flag of Chad."),
+    ]
+    first, second = render_evidence(ev).splitlines()
+    assert "matches the question's image" in first
+    assert "matches" not in second
+
+
 def test_image_is_a_part_or_a_note():
     """Image-capable backends get the image; text-only ones a note naming the image KB."""
     q = Question(text="What is this?", image=Path("x.jpg"))

@@ -75,13 +75,17 @@ def render_evidence(
     """Numbered evidence lines tagged by KB: ``(1) [kb] Title: text``.
 
     Tables are rendered compactly with :meth:`~kbrouter.types.Table.render`; image evidence
-    shows its caption/description text.
+    shows its caption/description text, and an image-to-image match with the question's image
+    (``metadata["pinned"]``) says so, since a text-only model cannot compare the pictures.
     """
     if not evidence:
         return "(no evidence was found)"
     lines = []
     for i, ev in enumerate(evidence, 1):
         head = f"({i}) [{ev.kb}]"
+        if ev.metadata.get("pinned"):
+            # An image-to-image match: text-only models cannot see either picture, so say it.
+            head += " (this picture matches the question's image)"
         if ev.title:
             head += f" {' '.join(ev.title.split())}:"
         if ev.table is not None:
@@ -163,9 +167,9 @@ _EXAMPLES: dict[Modality, list[tuple[str, bool, list[Hop], str, str]]] = {
             "In what year was the building in the image completed?",
             True,
             [],
-            "I do not know which building the image shows. I must identify it first, "
+            "I do not know what the image shows. I must identify it first, "
             "which needs a search with the image.",
-            "What is the name of the building shown in the image?",
+            "What is shown in the image?",
         ),
         (
             "Which country is the animal in the image native to?",
