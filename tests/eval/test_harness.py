@@ -1,0 +1,197 @@
+"""The evaluation harness (incremental results, resume, refusal of a different run) and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kbrouter.cli.main import app
+from kbrouter.engine.engine import EngineConfig
+from kbrouter.errors import ConfigError, DatasetError
+from kbrouter.eval.harness import load_results, run_eval
+from kbrouter.eval.report import write_report
+from kbrouter.testing import ScriptedChatModel, StaticKB, StaticKBRegistry
+from kbrouter.types import ChatMessage, Evidence, Modality
+
+QUESTIONS = [
+    ("q1", "What is the capital of France?", "Paris", ["text"], "geo"),
+    ("q2", "Which river flows through Paris?", "Seine", ["text"], "geo"),
+    ("q3", "What is the area of France?", "551695", ["table"], "stats"),
+    ("q4", "Is Paris in France?", "yes", ["text"], "geo"),
+    ("q5", "What is the capital of Italy?", "Rome", ["table"], "geo"),
+]
+
+
+def _answer(messages: list[ChatMessage]) -> str:
+    """A fake model: answers with the gold when it was shown evidence, else 'unknown'."""
+    text = messages[-1].text()
+    for _, q, gold, _, _ in QUESTIONS:
+        if q in text and "Evidence:" in text:
+            return f"<think>easy</think><answer>{gold}</answer>"
+    return "<answer>unknown</answer>"
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> str:
+    path = tmp_path / "qs.jsonl"
+    rows = [
+        {"id": i, "question": q, "answers": [a], "gold_kbs": kbs, "source": src}
+        for i, q, a, kbs, src in QUESTIONS
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f"jsonl:{path}"
+
+
+def _registry() -> StaticKBRegistry:
+    ev = Evidence(kb="text", id="t1", score=0.0, text="Paris is the capital of France")
+    tev = Evidence(
+        kb="table", id="b1", score=0.0, text="France area 551695", modality=Modality.TABLE
+    )
+    return StaticKBRegistry(
+        [StaticKB("text", [ev]), StaticKB("table", [tev], modality=Modality.TABLE)]
+    )
+
+
+def _run(dataset, out, method="all-kbs", model=None, **kw):
+    model = model or ScriptedChatModel(_answer)
+    cfg = EngineConfig(concurrency=kw.pop("concurrency", 2))
+    summary = run_eval(
+        dataset,
+        method,
+        cfg,
+        "scripted",
+        out,
+        registry=_registry(),
+        model=model,
+        progress=False,
+        **kw,
+    )
+    return summary, model
+
+
+def test_results_are_self_describing(dataset, tmp_path):
+    """One line per question with scores, routing and trajectory; config and summary files."""
+    out = tmp_path / "run"
+    summary, _ = _run(dataset, out, limit=3)
+    lines = load_results(out)
+    assert [r["id"] for r in sorted(lines, key=lambda r: r["id"])] == ["q1", "q2", "q3"]
+    first = next(r for r in lines if r["id"] == "q1")
+    assert first["prediction"] == "Paris" and first["scores"]["f1_recall"] == 1.0
+    assert first["routing"]["calls_per_kb"] == {"text": 1, "table": 1}
+    assert first["routing"]["hop_correct_lenient"] == [True]
+    assert first["routing"]["hop_correct_strict"] == [False]  # all-kbs searches both
+    assert first["trajectory"]["final_call"]["messages"]  # prompts kept by default
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["run"]["method"] == "all-kbs" and cfg["run"]["seed"] == 0
+    assert cfg["run"]["engine"]["seed"] == 0
+    assert "kbrouter_version" in cfg and "libraries" in cfg and "git" in cfg
+    assert summary["questions"] == 3 and summary["complete"]
+    assert summary["f1_recall"] == pytest.approx(100.0)
+    assert summary["routing"]["retrieval_calls_per_question"] == 2.0
+    assert json.loads((out / "summary.json").read_text())["questions"] == 3
+
+
+def test_resume_after_interruption_with_truncated_line(dataset, tmp_path):
+    """A re-run skips finished ids, drops a truncated last line and runs only what is missing."""
+    out = tmp_path / "run"
+    _run(dataset, out, limit=3)
+    with (out / "results.jsonl").open("a") as f:
+        f.write('{"id": "q4", "prediction": "yes", "sco')  # killed mid-write
+    summary, model = _run(dataset, out)  # all 5 now
+    assert model.calls == 2  # q4 and q5 only
+    ids = [r["id"] for r in load_results(out)]
+    assert sorted(ids) == ["q1", "q2", "q3", "q4", "q5"] and len(ids) == 5
+    assert summary["questions"] == 5
+    # every line parses: the truncated fragment is gone
+    for line in (out / "results.jsonl").read_text().splitlines():
+        json.loads(line)
+    # nothing left to do: no model call at all
+    _, model = _run(dataset, out)
+    assert model.calls == 0
+
+
+def test_interrupt_keeps_finished_questions(dataset, tmp_path):
+    """KeyboardInterrupt mid-run leaves the finished questions on disk for resuming."""
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    def flaky(messages):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return _answer(messages)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(dataset, out, model=ScriptedChatModel(flaky), concurrency=1)
+    assert [r["id"] for r in load_results(out)] == ["q1", "q2"]
+    summary, model = _run(dataset, out, concurrency=1)
+    assert model.calls == 3 and summary["questions"] == 5
+
+
+def test_a_different_run_is_refused(dataset, tmp_path):
+    """Re-using a results directory for another method or seed is a ConfigError."""
+    out = tmp_path / "run"
+    _run(dataset, out, limit=2)
+    with pytest.raises(ConfigError, match="different run.*method"):
+        _run(dataset, out, method="direct", limit=2)
+    with pytest.raises(ConfigError, match="seed"):
+        _run(dataset, out, limit=2, seed=7)
+
+
+def test_missing_images_fail_before_running(tmp_path):
+    """A retrieval method on questions whose images are absent fails with --image-dir advice;
+    direct answering with a text-only model does not need them."""
+    path = tmp_path / "img.jsonl"
+    path.write_text(json.dumps({"question": "What is shown?", "answers": ["x"], "image": "a.jpg"}))
+    with pytest.raises(DatasetError, match="--image-dir"):
+        _run(f"jsonl:{path}", tmp_path / "r1")
+    summary, _ = _run(f"jsonl:{path}", tmp_path / "r2", method="direct")
+    assert summary["questions"] == 1
+
+
+def test_report_tables_and_plots(dataset, tmp_path):
+    """The report has methods as rows, datasets as columns, an average, routing and plots."""
+    runs = tmp_path / "runs"
+    _run(dataset, runs / "all", method="all-kbs")
+    _run(dataset, runs / "direct", method="direct")
+    _run(dataset, runs / "single", method="single-kb:table")
+    rep = write_report([runs], tmp_path / "report")
+    assert rep.rows == ["direct", "single-kb:table", "all-kbs"]
+    ds_name = rep.datasets[0]
+    assert rep.table["all-kbs"][ds_name] == pytest.approx(100.0)
+    assert rep.table["direct"][ds_name] < 100.0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| Method |" in md and "Avg" in md and "per source" in md
+    js = json.loads((tmp_path / "report" / "report.json").read_text())
+    single = next(r for r in js["runs"] if r["method"] == "single-kb:table")
+    assert single["summary"]["routing"]["kb_accuracy_strict"] == pytest.approx(2 / 5)
+    for png in ("score_by_dataset.png", "retrieval_calls.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_report_and_errors(dataset, tmp_path):
+    """`kbrouter report` writes the files; bad input to `kbrouter eval` is a clean exit 2."""
+    _run(dataset, tmp_path / "runs" / "a", method="all-kbs")
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep" / "report.md").is_file()
+    res = runner.invoke(app, ["eval", "--dataset", "nope", "--method", "direct"])
+    assert res.exit_code == 2 and "unknown dataset" in res.output
+    res = runner.invoke(app, ["report", str(tmp_path / "empty-missing")])
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_errored_questions_are_retried_on_resume(dataset, tmp_path):
+    """Questions whose model call failed are written with the error and re-run on resume."""
+    out = tmp_path / "run"
+    summary, _ = _run(dataset, out, limit=2, model=ScriptedChatModel(_answer, fail_at=[0, 1]))
+    assert summary["errors"] == 2 and summary["f1_recall"] == 0.0
+    summary, model = _run(dataset, out, limit=2)
+    assert model.calls == 2
+    assert summary["errors"] == 0 and summary["f1_recall"] == pytest.approx(100.0)
+    assert len(load_results(out)) == 4  # old error lines kept; the latest line of each id counts
