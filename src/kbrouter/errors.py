@@ -1,4 +1,4 @@
-"""Named exceptions. Each is raised at the point of failure with the offending value in the message."""
+"""Named exceptions, raised at the point of failure with the offending value in the message."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class SamplingParams(_Model):
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
     grammar: str | None = None
-    """Optional GBNF grammar (llama.cpp) constraining the output; backends that cannot use it ignore it."""
+    """Optional GBNF grammar constraining the output; backends that cannot use it ignore it."""
 
 
 class ChatResult(_Model):
