@@ -13,8 +13,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting is slow on s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# The fake OpenAI-compatible server (tests/models/chat_server.py) is shared by several test folders.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
+# Test helper modules (chat_server, kb_helpers, train_helpers) are imported by name from several
+# folders; with --import-mode=importlib test folders are not on sys.path, so put theirs there.
+for _folder in ("models", "kb", "train"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _folder))
 SHARED_DATA = Path(
     os.environ.get("KBROUTER_SHARED_DATA", REPO.parent / "shared" / "data")
 ).resolve()
