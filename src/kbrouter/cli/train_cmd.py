@@ -1,9 +1,410 @@
-"""CLI commands (to be filled in by the owning layer)."""
+"""``kbrouter synth`` (teacher trajectories -> step samples), ``kbrouter train sft|step-grpo``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console
+
+train_app = typer.Typer(
+    help="Train the router: SFT and Step-GRPO on step samples.", no_args_is_help=True
+)
+
+
+def _load_config_file(path: Path | None) -> dict[str, Any]:
+    """Fields from a JSON or TOML config file (``{}`` without a file)."""
+    from kbrouter.errors import ConfigError
+
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.suffix.lower() == ".toml":
+            return tomllib.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+
+
+def _build(cls: Any, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """Validate ``cls`` from config-file fields plus the CLI flags that were given."""
+    from pydantic import ValidationError
+
+    from kbrouter.errors import ConfigError
+
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            merged[key] = {
+                **merged.get(key, {}),
+                **{k: v for k, v in value.items() if v is not None},
+            }
+        else:
+            merged[key] = value
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"invalid training config: {loc}: {first['msg']}") from None
+
+
+def _kinds(value: str | None) -> list[str] | None:
+    return [k.strip() for k in value.split(",") if k.strip()] if value else None
+
+
+def _load_split(data: Path, val_fraction: float, seed: int) -> tuple[list, list]:
+    from kbrouter.train.steps import read_steps, split_steps
+
+    samples = read_steps(data)
+    if val_fraction <= 0:
+        return samples, []
+    return split_steps(samples, val_fraction=val_fraction, seed=seed)
+
+
+def _kb_names(kbs: Path | None) -> Any:
+    from kbrouter.train.rewards import KBNames
+
+    if kbs is None:
+        return KBNames()  # the paper's three KB names
+    from kbrouter.kb.registry import KBRegistry
+
+    return KBNames(KBRegistry.from_config(kbs).infos)
+
+
+@train_app.command("sft")
+def sft_command(
+    data: Path = typer.Option(..., "--data", help="Step samples (kbrouter or paper JSONL)."),
+    model: str | None = typer.Option(
+        None, "--model", help="HF id/folder, .gguf file or packaged preset (smollm2-135m)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/sft)."),
+    config: Path | None = typer.Option(None, "--config", help="SFTConfig fields (JSON/TOML)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Epochs."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Optimizer updates (-1: epochs)."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Per-device batch size."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation."),
+    kinds: str | None = typer.Option(None, "--kinds", help="Step kinds: ret,sub_answer,final."),
+    lora: bool | None = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Token truncation length."),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Hold out this fraction of trajectories (not trained on)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed."),
+) -> None:
+    """Supervised fine-tuning on step targets (TRL SFTTrainer)."""
+    from kbrouter.train.config import SFTConfig
+    from kbrouter.train.sft import train_sft
+
+    with cli_errors():
+        cfg = _build(
+            SFTConfig,
+            _load_config_file(config),
+            {
+                "model": model,
+                "output_dir": out or (None if config else Path("runs/sft")),
+                "learning_rate": lr,
+                "num_train_epochs": epochs,
+                "max_steps": max_steps,
+                "per_device_train_batch_size": batch_size,
+                "gradient_accumulation_steps": grad_accum,
+                "step_kinds": _kinds(kinds),
+                "lora": {"enabled": lora, "r": lora_r},
+                "max_length": max_length,
+                "seed": seed,
+            },
+        )
+        train, _ = _load_split(data, val_fraction, cfg.seed)
+        result = train_sft(train, cfg, progress=True)
+    console.print(
+        f"SFT: {result.steps} updates on {result.samples} step samples in {result.seconds:.0f}s; "
+        f"checkpoint {result.checkpoint} (use --model transformers:{result.checkpoint})"
+    )
+
+
+@train_app.command("step-grpo")
+def step_grpo_command(
+    data: Path | None = typer.Option(
+        None, "--data", help="Step samples (kbrouter or paper JSONL); not used with --on-policy."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="HF id/folder, .gguf file or packaged preset (smollm2-135m)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run folder (default runs/step-grpo)."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="StepGRPOConfig fields (JSON/TOML)."),
+    preset: str | None = typer.Option(
+        "paper", "--preset", help="Start from a preset ('paper') or from defaults ('none')."
+    ),
+    num_generations: int | None = typer.Option(None, "--num-generations", "-G", help="Group size."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature."),
+    beta: float | None = typer.Option(None, "--beta", help="KL weight (0 = no reference model)."),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="PPO clip range."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Epochs."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Optimizer updates (-1: epochs)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Completions per device/step."
+    ),
+    max_completion_length: int | None = typer.Option(
+        None, "--max-completion-length", help="Max generated tokens."
+    ),
+    kinds: str | None = typer.Option(None, "--kinds", help="Step kinds: ret,sub_answer,final."),
+    lora: bool | None = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank."),
+    routing_weight: float | None = typer.Option(
+        None, "--routing-weight", help="Routing reward weight."
+    ),
+    similarity_weight: float | None = typer.Option(
+        None, "--similarity-weight", help="Sub-question similarity weight."
+    ),
+    format_weight: float | None = typer.Option(
+        None, "--format-weight", help="Format bonus weight."
+    ),
+    retrieval_cost: float | None = typer.Option(
+        None, "--retrieval-cost", help="Penalty per KB queried."
+    ),
+    encoder: str | None = typer.Option(
+        None, "--encoder", help="Similarity encoder (default minilm)."
+    ),
+    kbs: Path | None = typer.Option(
+        None,
+        "--kbs",
+        help="kbs.toml whose KB names/aliases the router may emit (default: the "
+        "paper's three names); required with --on-policy.",
+    ),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Hold out this fraction of trajectories (not trained on)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed."),
+    on_policy: bool = typer.Option(
+        False, "--on-policy", help="Step prompts from live rollouts of the current policy."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="On-policy: training questions."),
+    limit: int | None = typer.Option(None, "--limit", help="On-policy: use N questions."),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="On-policy: model spec that labels router/sub-answer steps."
+    ),
+    rounds: int | None = typer.Option(None, "--rounds", help="On-policy: rollout+train rounds."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Shared data folder."),
+) -> None:
+    """Step-GRPO (TRL GRPOTrainer) on step prompts with step-type-specific rewards."""
+    from kbrouter.errors import ConfigError
+    from kbrouter.train.config import StepGRPOConfig
+    from kbrouter.train.rewards import StepRewarder
+    from kbrouter.train.step_grpo import train_step_grpo
+
+    with cli_errors():
+        base = _load_config_file(config)
+        if preset and preset.lower() == "paper":
+            base = {
+                **StepGRPOConfig.paper_preset("x", "x").model_dump(exclude={"model", "output_dir"}),
+                **base,
+            }
+        elif preset and preset.lower() != "none":
+            raise ConfigError(f"unknown preset {preset!r}; expected 'paper' or 'none'")
+        cfg = _build(
+            StepGRPOConfig,
+            base,
+            {
+                "model": model,
+                "output_dir": out or (None if "output_dir" in base else Path("runs/step-grpo")),
+                "num_generations": num_generations,
+                "temperature": temperature,
+                "beta": beta,
+                "epsilon": epsilon,
+                "learning_rate": lr,
+                "num_train_epochs": epochs,
+                "max_steps": max_steps,
+                "per_device_train_batch_size": batch_size,
+                "max_completion_length": max_completion_length,
+                "step_kinds": _kinds(kinds),
+                "lora": {"enabled": lora, "r": lora_r},
+                "rewards": {
+                    "routing_weight": routing_weight,
+                    "similarity_weight": similarity_weight,
+                    "format_weight": format_weight,
+                    "retrieval_cost": retrieval_cost,
+                    "encoder": encoder,
+                },
+                "on_policy": {"enabled": True if on_policy else None, "rounds": rounds},
+                "seed": seed,
+            },
+        )
+        rewarder = StepRewarder(cfg.rewards, kb_names=_kb_names(kbs))
+        if cfg.on_policy.enabled:
+            result = _run_on_policy(cfg, rewarder, dataset, kbs, teacher, limit, data_dir)
+        else:
+            if data is None:
+                raise ConfigError("--data is required (or use --on-policy with --dataset)")
+            train, _ = _load_split(data, val_fraction, cfg.seed)
+            result = train_step_grpo(train, cfg, rewarder=rewarder, progress=True)
+    rewards = result.metric_series("reward")
+    shown = f"; reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else ""
+    console.print(
+        f"Step-GRPO: {result.steps} updates on {result.samples} step samples in "
+        f"{result.seconds:.0f}s{shown}; checkpoint {result.checkpoint} "
+        f"(use --model transformers:{result.checkpoint})"
+    )
+
+
+def _run_on_policy(
+    cfg: Any,
+    rewarder: Any,
+    dataset: str | None,
+    kbs: Path | None,
+    teacher: str | None,
+    limit: int | None,
+    data_dir: Path | None,
+) -> Any:
+    from kbrouter.errors import ConfigError
+    from kbrouter.eval.datasets import load_dataset, select_examples
+    from kbrouter.kb.registry import KBRegistry
+    from kbrouter.models.registry import load_model
+    from kbrouter.train.onpolicy import engine_rollout
+    from kbrouter.train.step_grpo import train_step_grpo_on_policy
+    from kbrouter.train.synth import TeacherLabeler
+
+    if dataset is None or kbs is None:
+        raise ConfigError("--on-policy needs --dataset (training questions) and --kbs")
+    examples = select_examples(
+        load_dataset(dataset, data_dir=data_dir).examples, limit, seed=cfg.seed, stratify=True
+    )
+    registry = KBRegistry.from_config(kbs)
+    labeler = (
+        TeacherLabeler(load_model(teacher), rewarder.kb_names) if teacher is not None else None
+    )
+    if labeler is None:
+        err_console.print(
+            "[yellow]note:[/] no --teacher: only final-answer steps (gold targets) are trained"
+        )
+    rollout = engine_rollout(registry, cfg)
+    return asyncio.run(
+        train_step_grpo_on_policy(
+            examples, cfg, rollout, labeler=labeler, rewarder=rewarder, progress=True
+        )
+    )
+
+
+def synth_command(
+    dataset: str = typer.Option(
+        ..., "--dataset", "-d", help="Training questions: a dataset name or jsonl:<path>."
+    ),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model spec (see kbrouter ask)."),
+    kbs: Path | None = typer.Option(None, "--kbs", help="kbs.toml (default: the demo KBs)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Step samples JSONL to write."),
+    threshold: float = typer.Option(
+        1.0, "--threshold", help="Keep trajectories whose final F1-Recall reaches this."
+    ),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Use N questions."),
+    seed: int = typer.Option(0, "--seed", help="Selection and sampling seed."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Teacher sampling temperature."),
+    max_steps: int = typer.Option(3, "--max-steps", min=0, help="Retrieval-step budget."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Questions in flight."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Replay cache folder."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Shared data folder."),
+    paper_format: bool = typer.Option(
+        False, "--paper-format", help="Also write <out>.paper.jsonl in the released format."
+    ),
+) -> None:
+    """Run a teacher through the engine and keep correct trajectories as step samples.
+
+    Resumable: questions already recorded in ``<out>.progress.jsonl`` are skipped and their
+    samples kept.
+    """
+    from kbrouter.engine.engine import Engine, EngineConfig
+    from kbrouter.eval.datasets import load_dataset, select_examples
+    from kbrouter.kb.registry import KBRegistry
+    from kbrouter.models.registry import load_model
+    from kbrouter.policies.r1router import R1RouterPolicy
+    from kbrouter.train.steps import read_steps, write_paper_steps
+    from kbrouter.train.synth import synthesize_async
+    from kbrouter.types import SamplingParams
+
+    with cli_errors():
+        kbs_path = kbs or DEMO_CONFIG
+        if kbs is None:
+            err_console.print(f"[yellow]note:[/] no --kbs given; using the demo KBs {kbs_path}")
+        examples = select_examples(
+            load_dataset(dataset, data_dir=data_dir).examples, limit, seed=seed, stratify=True
+        )
+        progress_path = out.with_name(out.name + ".progress.jsonl")
+        done: set[str] = set()
+        if progress_path.is_file() and out.is_file():
+            done = {
+                json.loads(line)["id"] for line in progress_path.read_text().splitlines() if line
+            }
+        todo = [ex for ex in examples if ex.id not in done]
+        if done:
+            err_console.print(f"resuming: {len(done)} questions done, {len(todo)} to go")
+        elif out.exists():
+            out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        engine = Engine(
+            load_model(teacher),
+            KBRegistry.from_config(kbs_path),
+            R1RouterPolicy(),
+            EngineConfig(
+                max_steps=max_steps,
+                concurrency=concurrency,
+                seed=seed,
+                cache_dir=cache_dir,
+                sampling=SamplingParams(temperature=temperature, seed=seed),
+            ),
+        )
+        from rich.progress import Progress
+
+        with (
+            out.open("a", encoding="utf-8") as fh,
+            progress_path.open("a", encoding="utf-8") as pfh,
+            Progress(console=err_console) as bar,
+        ):
+            task = bar.add_task("synthesising", total=len(todo))
+
+            def on_example(ex: Any, traj: Any, kept: list) -> None:
+                for s in kept:
+                    fh.write(s.model_dump_json() + "\n")
+                fh.flush()
+                pfh.write(
+                    json.dumps({"id": ex.id, "kept": bool(kept), "answer": traj.answer}) + "\n"
+                )
+                pfh.flush()
+                bar.advance(task)
+
+            try:
+                report = asyncio.run(
+                    synthesize_async(
+                        todo, engine, threshold, concurrency=concurrency, on_example=on_example
+                    )
+                )
+            finally:
+                engine.close()
+        samples = read_steps(out) if out.is_file() and out.stat().st_size else []
+        if paper_format and samples:
+            write_paper_steps(samples, out.with_name(out.stem + ".paper.jsonl"))
+    console.print(
+        f"kept {report.kept}/{report.total} trajectories this run "
+        f"(dropped: {dict(report.dropped) or 'none'}); {len(samples)} step samples in {out}"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the main app."""
+    """Add ``synth`` and the ``train`` group to the main app."""
+    app.command("synth")(synth_command)
+    app.add_typer(train_app, name="train")

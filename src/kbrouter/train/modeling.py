@@ -1,0 +1,183 @@
+"""Loading the model to train and saving checkpoints the transformers backend can load.
+
+Model specs (``StepGRPOConfig.model`` / ``SFTConfig.model`` / ``--model``):
+
+- a Hugging Face hub id or a checkpoint folder (``save_pretrained`` layout);
+- a ``.gguf`` file — de-quantised to float32 by transformers (``gguf_file=...``);
+- a packaged GGUF preset name such as ``smollm2-135m`` (see :mod:`kbrouter.models.gguf`);
+- any of the above prefixed with ``transformers:`` (the chat-backend spec form).
+
+GGUF models are converted once into an HF folder (``materialize_model``) so that trainers that
+reload the model by name (TRL's reference model for ``beta > 0``, vLLM, multi-process
+launchers) find a real folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kbrouter.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def _strip_prefix(spec: str) -> str:
+    spec = spec.strip()
+    for prefix in ("transformers:", "hf:"):
+        if spec.lower().startswith(prefix):
+            return spec[len(prefix) :].strip()
+    return spec
+
+
+def resolve_gguf_spec(spec: str) -> Path | None:
+    """The GGUF file a spec names (file path or packaged preset), or None for HF specs."""
+    spec = _strip_prefix(spec)
+    if spec.lower().endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"GGUF model file not found: {path}")
+        return path
+    from kbrouter.models.gguf import PRESETS, resolve_gguf
+
+    if spec in PRESETS:
+        return resolve_gguf(spec)
+    return None
+
+
+def load_tokenizer(spec: str, padding_side: str = "right") -> Any:
+    """The tokenizer of a model spec, with a pad token set."""
+    from transformers import AutoTokenizer
+
+    spec = _strip_prefix(spec)
+    gguf = resolve_gguf_spec(spec)
+    try:
+        if gguf is not None:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one named error
+        raise ModelError(f"cannot load the tokenizer of {spec!r}: {type(e).__name__}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(spec: str, dtype: str = "float32") -> Any:
+    """A ``transformers`` causal LM from a spec (GGUF weights are de-quantised)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = _strip_prefix(spec)
+    gguf = resolve_gguf_spec(spec)
+    torch_dtype = getattr(torch, dtype)
+    try:
+        if gguf is not None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
+    if gguf is not None:
+        _strip_gguf_origin(model)
+    return model
+
+
+def materialize_model(spec: str, folder: Path) -> str:
+    """An HF-folder spec for ``spec``: GGUF specs are converted once into ``folder``.
+
+    HF ids and folders are returned unchanged. The conversion is skipped when ``folder``
+    already holds a conversion of the same GGUF file.
+    """
+    spec = _strip_prefix(spec)
+    gguf = resolve_gguf_spec(spec)
+    if gguf is None:
+        return spec
+    marker = folder / "kbrouter_source.json"
+    source = {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return str(folder)
+    logger.info("converting %s into an HF folder at %s", gguf, folder)
+    model = load_causal_lm(spec)
+    tok = load_tokenizer(spec)
+    _strip_gguf_origin(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    marker.write_text(json.dumps(source))
+    return str(folder)
+
+
+def _strip_gguf_origin(model: Any) -> None:
+    """Forget that weights came from a GGUF file: they are plain float32 tensors now, and a
+    saved config claiming GGUF quantisation would not load as a normal checkpoint."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
+        qc = cfg.quantization_config
+        method = (
+            qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        )
+        if str(method).lower().endswith("gguf"):
+            try:
+                del cfg.quantization_config
+            except AttributeError:
+                cfg.quantization_config = None
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer = None
+            if hasattr(model, "is_quantized"):
+                with contextlib.suppress(AttributeError):
+                    model.is_quantized = False
+
+
+def save_checkpoint(model: Any, tokenizer: Any, folder: Path, merge_lora: bool = True) -> Path:
+    """Save a model as a plain HF folder (LoRA adapters merged unless told otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is in the train extra
+        PeftModel = None  # noqa: N806
+    if PeftModel is not None and isinstance(model, PeftModel) and merge_lora:
+        model = model.merge_and_unload()
+    _strip_gguf_origin(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_trained(trainer: Any, folder: Path, base_spec: str, merge_lora: bool = True) -> Path:
+    """Save a TRL trainer's model as a checkpoint loadable by ``transformers:<folder>``.
+
+    Uses ``trainer.save_model`` (correct under DeepSpeed ZeRO-3 / FSDP: gathers the weights,
+    writes from the main process only). LoRA runs save the adapter under ``<folder>/adapter``
+    and, with ``merge_lora``, the main process merges it into a fresh copy of the base model
+    and writes the merged model to ``folder``.
+    """
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = None  # noqa: N806
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)
+    _strip_gguf_origin(model)
+    is_peft = PeftModel is not None and isinstance(model, PeftModel)
+    if not is_peft:
+        trainer.save_model(str(folder))
+        acc.wait_for_everyone()
+        return folder
+    adapter_dir = folder / "adapter"
+    trainer.save_model(str(adapter_dir))
+    acc.wait_for_everyone()
+    if merge_lora and acc.is_main_process:
+        base = load_causal_lm(base_spec)
+        _strip_gguf_origin(base)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(folder)
+        trainer.processing_class.save_pretrained(folder)
+    acc.wait_for_everyone()
+    return folder

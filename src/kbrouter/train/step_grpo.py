@@ -1,0 +1,243 @@
+"""Step-GRPO on TRL's ``GRPOTrainer`` (method.md sec. 5).
+
+Every step sample is an independent GRPO prompt: TRL samples ``num_generations`` responses,
+scores them with the step-type-specific reward (:mod:`kbrouter.train.rewards`; the sample's
+``step_type``/``final``/``target`` columns reach the reward functions as keyword arguments),
+normalises within the group and applies the PPO-clip loss. No trainer code is forked.
+
+Two data regimes:
+
+- **teacher-forced** (the paper): :func:`train_step_grpo` on synthesised step samples
+  (:mod:`kbrouter.train.synth`) or the released file;
+- **on-policy**: :func:`train_step_grpo_on_policy` — an outer loop that, every round, rolls the
+  *current* checkpoint out through the real engine and KBs on training questions, turns those
+  trajectories into step prompts (states the policy really reaches), labels them (final steps
+  with the dataset's golds; router and sub-answer steps by a teacher model answering the same
+  prompt, DAgger-style), and runs GRPO on them starting from the last checkpoint. This
+  regenerates the dataset from live rollouts each round instead of hooking TRL's experimental
+  ``rollout_func``, so it works with every TRL generation backend (transformers, vLLM) and
+  every launcher unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kbrouter.errors import DataError
+from kbrouter.train.config import StepGRPOConfig
+from kbrouter.train.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    materialize_model,
+    save_trained,
+)
+from kbrouter.train.records import grpo_records, select_kinds
+from kbrouter.train.rewards import KBNames, StepRewarder, trl_reward_funcs
+from kbrouter.train.run import TrainResult, progress_callback, write_run_info
+from kbrouter.train.steps import StepSample
+
+if TYPE_CHECKING:
+    from kbrouter.encoders.base import TextEncoder
+    from kbrouter.eval.datasets import EvalExample
+    from kbrouter.types import Trajectory
+
+logger = logging.getLogger(__name__)
+
+
+def build_grpo_trainer(
+    samples: Sequence[StepSample],
+    config: StepGRPOConfig,
+    *,
+    rewarder: StepRewarder | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """A ready ``trl.GRPOTrainer`` for the step samples (for callers that drive it themselves)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    chosen = select_kinds(samples, config.step_kinds)
+    if not chosen:
+        raise DataError(
+            f"no step samples of kinds {config.step_kinds} among {len(samples)} samples"
+        )
+    rewarder = rewarder or StepRewarder(config.rewards)
+    funcs, weights = trl_reward_funcs(rewarder)
+    if not funcs:
+        raise DataError("every reward weight is 0: nothing to optimise")
+    args = config.to_trl()
+    args.reward_weights = weights
+    model_spec = config.model
+    if model is None:
+        if config.beta > 0:
+            # TRL rebuilds the reference model from the model's folder: it must be a real one.
+            model_spec = materialize_model(config.model, Path(config.output_dir) / "base")
+        model = load_causal_lm(model_spec)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_spec, padding_side="left")
+    tok.padding_side = "left"
+    dataset = Dataset.from_list(grpo_records(chosen))
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=config.lora.to_peft(),
+        callbacks=list(callbacks),
+    )
+
+
+def train_step_grpo(
+    samples: Sequence[StepSample],
+    config: StepGRPOConfig,
+    *,
+    rewarder: StepRewarder | None = None,
+    kb_names: KBNames | None = None,
+    encoder: TextEncoder | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Run Step-GRPO on teacher-forced step samples; save ``<output_dir>/final``.
+
+    Args:
+        samples: step samples (filtered to ``config.step_kinds``).
+        config: run configuration (``StepGRPOConfig.paper_preset`` for the paper's).
+        rewarder: a ready :class:`StepRewarder`; else one is built from ``config.rewards``,
+            ``kb_names`` (default: the paper's KB names) and ``encoder`` (default: loaded
+            lazily from ``config.rewards.encoder``).
+        model, tokenizer: an already loaded model/tokenizer (else ``config.model`` is loaded).
+        progress: show a rich progress bar.
+    """
+    rewarder = rewarder or StepRewarder(config.rewards, kb_names=kb_names, encoder=encoder)
+    chosen = select_kinds(samples, config.step_kinds)
+    logger.info(
+        "Step-GRPO on %d step samples: %s", len(chosen), dict(Counter(s.kind for s in chosen))
+    )
+    trainer = build_grpo_trainer(
+        chosen,
+        config,
+        rewarder=rewarder,
+        model=model,
+        tokenizer=tokenizer,
+        callbacks=[progress_callback("Step-GRPO")] if progress else [],
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    final = save_trained(
+        trainer,
+        Path(config.output_dir) / "final",
+        config.model,
+        merge_lora=config.lora.merge_on_save,
+    )
+    result = TrainResult(
+        checkpoint=final,
+        steps=int(trainer.state.global_step),
+        samples=len(chosen),
+        seconds=seconds,
+        log_history=list(trainer.state.log_history),
+    )
+    write_run_info(
+        final,
+        config,
+        result,
+        {"trainer": "step-grpo", "kinds": dict(Counter(s.kind for s in chosen))},
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- on-policy
+
+RolloutFn = Callable[[str, Sequence["EvalExample"]], Awaitable[list["Trajectory"]]]
+"""``(checkpoint spec, examples) -> trajectories``: runs the current policy through the engine."""
+
+LabelFn = Callable[[list[StepSample]], Awaitable[list[StepSample]]]
+"""Relabels on-policy step samples (e.g. :class:`kbrouter.train.synth.TeacherLabeler`)."""
+
+
+async def train_step_grpo_on_policy(
+    examples: Sequence[EvalExample],
+    config: StepGRPOConfig,
+    rollout: RolloutFn,
+    *,
+    labeler: LabelFn | None = None,
+    rewarder: StepRewarder | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """On-policy Step-GRPO: ``config.on_policy.rounds`` rounds of rollout -> label -> GRPO.
+
+    Round ``r`` rolls the round-``r-1`` checkpoint (round 0: ``config.model``) out on the next
+    ``questions_per_round`` examples (cycling), splits the trajectories into step samples with
+    :func:`kbrouter.train.synth.trajectory_to_samples` (final steps target the golds), lets
+    ``labeler`` set targets for router and sub-answer steps (without a labeler those steps are
+    dropped: their target is unknown), then trains ``steps_per_round`` GRPO updates and saves
+    ``<output_dir>/round-<r>``. The last round's checkpoint is also saved as ``final``.
+    """
+    from kbrouter.train.synth import trajectory_to_samples
+
+    if not examples:
+        raise DataError("on-policy Step-GRPO needs training questions")
+    op = config.on_policy
+    current = config.model
+    history: list[dict[str, Any]] = []
+    total_steps = 0
+    total_samples = 0
+    t0 = time.perf_counter()
+    last: TrainResult | None = None
+    for r in range(op.rounds):
+        start = (r * op.questions_per_round) % len(examples)
+        batch = [examples[(start + i) % len(examples)] for i in range(op.questions_per_round)]
+        trajectories = await rollout(current, batch)
+        samples: list[StepSample] = []
+        for ex, traj in zip(batch, trajectories, strict=True):
+            samples.extend(
+                trajectory_to_samples(
+                    traj, ex.golds, source=ex.source, trajectory_id=f"r{r}:{ex.id}"
+                )
+            )
+        if labeler is not None:
+            samples = await labeler(samples)
+        else:
+            samples = [s for s in samples if s.final]
+        samples = select_kinds(samples, config.step_kinds)
+        if not samples:
+            logger.warning("round %d produced no usable step samples; skipping", r)
+            continue
+        round_cfg = config.model_copy(
+            update={
+                "model": current,
+                "output_dir": Path(config.output_dir) / f"round-{r}",
+                "max_steps": op.steps_per_round,
+            }
+        )
+        last = train_step_grpo(samples, round_cfg, rewarder=rewarder, progress=progress)
+        current = str(last.checkpoint)
+        total_steps += last.steps
+        total_samples += len(samples)
+        history.extend({**e, "round": r} for e in last.log_history)
+    if last is None:
+        raise DataError("no round produced trainable step samples")
+    final = Path(config.output_dir) / "final"
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    import shutil
+
+    shutil.copytree(last.checkpoint, final)
+    result = TrainResult(
+        checkpoint=final,
+        steps=total_steps,
+        samples=total_samples,
+        seconds=time.perf_counter() - t0,
+        log_history=history,
+    )
+    write_run_info(final, config, result, {"trainer": "step-grpo-on-policy", "rounds": op.rounds})
+    return result

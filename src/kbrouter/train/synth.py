@@ -1,0 +1,259 @@
+"""Trajectory synthesis (method.md sec. 5): teacher trajectories -> step samples.
+
+A teacher model runs the real loop (:class:`kbrouter.engine.engine.Engine` with its policy and
+KBs) over training questions; a trajectory is kept only if its final answer reaches
+``threshold`` F1-Recall against the gold answers (paper: recall 1); each kept trajectory is
+split into step samples that carry the exact messages the model saw
+(:attr:`kbrouter.types.ModelCall.messages`) and targets:
+
+- router step -> ``RouteTarget(query=teacher sub-question, retrievers=[teacher KB])`` (or stop);
+- sub-answer step -> the teacher's sub-answer;
+- final step -> the dataset's gold answers.
+
+:class:`TeacherLabeler` relabels step samples from *another* policy's rollouts by asking the
+teacher the same prompts (used by on-policy Step-GRPO).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kbrouter.train.steps import RouteTarget, StepSample
+
+if TYPE_CHECKING:
+    from kbrouter.engine.engine import Engine
+    from kbrouter.eval.datasets import EvalExample
+    from kbrouter.models.base import ChatModel
+    from kbrouter.train.rewards import KBNames
+    from kbrouter.types import ModelCall, Trajectory
+
+logger = logging.getLogger(__name__)
+
+UNUSABLE_STOPS = frozenset({"format_fallback", "error"})
+"""Stop reasons whose trajectories are not teacher decisions (fallbacks), never kept."""
+
+
+@dataclass
+class SynthReport:
+    """Outcome of a synthesis run."""
+
+    samples: list[StepSample] = field(default_factory=list)
+    total: int = 0
+    """Questions run."""
+    kept: int = 0
+    """Trajectories kept (recall >= threshold, no fallback)."""
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Why trajectories were dropped: 'low_recall', 'format_fallback', 'error', ..."""
+    recalls: dict[str, float] = field(default_factory=dict)
+    """Final-answer F1-Recall per example id."""
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(s.kind for s in self.samples))
+
+
+def _usable_call(calls: Sequence[ModelCall]) -> ModelCall | None:
+    """The last successful call (earlier ones were format retries)."""
+    for c in reversed(calls):
+        if c.error is None and c.output:
+            return c
+    return None
+
+
+def trajectory_to_samples(
+    traj: Trajectory, golds: Sequence[str], *, source: str = "", trajectory_id: str | None = None
+) -> list[StepSample]:
+    """Split one trajectory into step samples (router, sub-answer and final steps).
+
+    Steps without a parsed router action (fallbacks) contribute no router sample; a missing
+    final call contributes no final sample. Targets are the trajectory's own decisions, the
+    final target is ``golds``.
+    """
+    tid = trajectory_id or traj.question.id or traj.question.text[:80]
+    out: list[StepSample] = []
+    idx = 0
+    for step in traj.steps:
+        call = _usable_call(step.route_calls)
+        if call is not None and step.action is not None:
+            action = step.action
+            target = RouteTarget(
+                query=None if action.is_stop else action.sub_question,
+                retrievers=[] if action.is_stop else list(action.kbs),
+            )
+            out.append(
+                StepSample(
+                    step_type="ret",
+                    messages=call.messages,
+                    target=target,
+                    source=source,
+                    trajectory_id=tid,
+                    step_index=idx,
+                    response=call.output,
+                )
+            )
+            idx += 1
+        ans = step.answer_call
+        if ans is not None and ans.error is None and step.sub_answer is not None:
+            out.append(
+                StepSample(
+                    step_type="ans",
+                    messages=ans.messages,
+                    target=step.sub_answer,
+                    source=source,
+                    trajectory_id=tid,
+                    step_index=idx,
+                    response=ans.output,
+                )
+            )
+            idx += 1
+    final = traj.final_call
+    if final is not None and final.error is None:
+        out.append(
+            StepSample(
+                step_type="ans",
+                final=True,
+                messages=final.messages,
+                target=[str(g) for g in golds],
+                source=source,
+                trajectory_id=tid,
+                step_index=idx,
+                response=final.output,
+            )
+        )
+    return out
+
+
+def judge_trajectory(
+    traj: Trajectory, golds: Sequence[str], threshold: float = 1.0, paper_compat: bool = False
+) -> tuple[bool, float, str]:
+    """``(keep, recall, reason)`` for one teacher trajectory."""
+    from kbrouter.eval.metrics import f1_recall
+
+    if traj.error is not None or traj.stop_reason in UNUSABLE_STOPS:
+        return False, 0.0, traj.stop_reason if traj.stop_reason in UNUSABLE_STOPS else "error"
+    recall = f1_recall(traj.answer, list(golds), paper_compat=paper_compat)
+    if recall < threshold - 1e-9:
+        return False, recall, "low_recall"
+    if traj.final_call is None:
+        return False, recall, "no_final_call"
+    return True, recall, "kept"
+
+
+async def synthesize_async(
+    examples: Sequence[EvalExample],
+    engine: Engine,
+    threshold: float = 1.0,
+    *,
+    paper_compat: bool = False,
+    concurrency: int | None = None,
+    on_example: Callable[[EvalExample, Trajectory, list[StepSample]], None] | None = None,
+) -> SynthReport:
+    """Run the teacher ``engine`` on the examples and keep trajectories with recall >= threshold.
+
+    ``on_example(example, trajectory, kept_samples)`` is called as each question finishes
+    (``kept_samples`` empty when the trajectory was dropped), e.g. to write incrementally.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    report = SynthReport(total=len(examples))
+    per_example: list[list[StepSample]] = [[] for _ in examples]
+
+    def on_result(i: int, traj: Trajectory) -> None:
+        ex = examples[i]
+        keep, recall, reason = judge_trajectory(traj, ex.golds, threshold, paper_compat)
+        report.recalls[ex.id] = recall
+        if keep:
+            per_example[i] = trajectory_to_samples(
+                traj, ex.golds, source=ex.source, trajectory_id=ex.id
+            )
+            report.kept += 1
+        else:
+            report.dropped[reason] += 1
+        if on_example is not None:
+            on_example(ex, traj, per_example[i])
+
+    await engine.answer_many(
+        [ex.question for ex in examples], concurrency=concurrency, on_result=on_result
+    )
+    report.samples = [s for group in per_example for s in group]
+    logger.info(
+        "synthesis: kept %d/%d trajectories (%s), %d step samples %s",
+        report.kept,
+        report.total,
+        dict(report.dropped),
+        len(report.samples),
+        report.counts(),
+    )
+    return report
+
+
+def synthesize(
+    examples: Sequence[EvalExample],
+    engine: Engine,
+    threshold: float = 1.0,
+    *,
+    paper_compat: bool = False,
+    concurrency: int | None = None,
+) -> list[StepSample]:
+    """Blocking :func:`synthesize_async` returning only the step samples."""
+    report = asyncio.run(
+        synthesize_async(
+            examples, engine, threshold, paper_compat=paper_compat, concurrency=concurrency
+        )
+    )
+    return report.samples
+
+
+class TeacherLabeler:
+    """Sets router and sub-answer targets of step samples by asking a teacher the same prompt.
+
+    Final steps keep their gold targets. A router sample whose teacher reply does not parse is
+    dropped (its target is unknown); a sub-answer sample keeps the teacher's answer text.
+
+    Args:
+        teacher: the teacher chat model.
+        kb_names: the accepted KB names (to parse the teacher's ``<ret>``).
+        max_tokens: token cap of a teacher reply.
+        concurrency: teacher calls in flight.
+    """
+
+    def __init__(
+        self, teacher: ChatModel, kb_names: KBNames, max_tokens: int = 256, concurrency: int = 4
+    ) -> None:
+        self.teacher = teacher
+        self.kb_names = kb_names
+        self.max_tokens = max_tokens
+        self.concurrency = concurrency
+
+    async def __call__(self, samples: list[StepSample]) -> list[StepSample]:
+        from kbrouter.train.rewards import parse_answer_output, parse_route_output
+        from kbrouter.types import SamplingParams
+
+        sem = asyncio.Semaphore(self.concurrency)
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
+
+        async def label(s: StepSample) -> StepSample | None:
+            if s.final:
+                return s
+            async with sem:
+                result = await self.teacher.chat(s.messages, params)
+            if s.step_type == "ret":
+                action = parse_route_output(result.text, self.kb_names)
+                if action is None:
+                    return None
+                target = RouteTarget(
+                    query=None if action.is_stop else action.sub_question,
+                    retrievers=[] if action.is_stop else list(action.kbs),
+                )
+                return s.model_copy(update={"target": target, "response": result.text})
+            answer = parse_answer_output(result.text)
+            if answer is None:
+                return None
+            return s.model_copy(update={"target": answer, "response": result.text})
+
+        labelled = await asyncio.gather(*(label(s) for s in samples))
+        return [s for s in labelled if s is not None]
