@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from kbrouter.cli import ask_cmd, eval_cmd, kb_cmd, serve_cmd, train_cmd
+from kbrouter.cli import ask_cmd, eval_cmd, kb_cmd, train_cmd
 
 app = typer.Typer(
     name="kbrouter",
@@ -20,6 +20,8 @@ app = typer.Typer(
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own rich bars only
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # OpenMP spin-waiting is pathological on shared CPUs; set before torch/faiss load.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,7 +31,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
 
 
-for _module in (kb_cmd, ask_cmd, eval_cmd, train_cmd, serve_cmd):
+for _module in (kb_cmd, ask_cmd, eval_cmd, train_cmd):
     _module.register(app)
 
 if __name__ == "__main__":  # pragma: no cover
