@@ -10,8 +10,9 @@ timing, so every method gets them for free and every method's trajectories are c
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from kbrouter.kb.base import KBInfo
 from kbrouter.types import (
@@ -21,8 +22,12 @@ from kbrouter.types import (
     Question,
     Retrieval,
     SamplingParams,
+    Step,
     Trajectory,
 )
+
+if TYPE_CHECKING:  # the engine imports this module; import its event type lazily
+    from kbrouter.engine.events import EventKind
 
 Purpose = Literal["route", "sub_answer", "final", "generate"]
 
@@ -82,3 +87,34 @@ class Policy(ABC):
     def describe(self) -> dict[str, Any]:
         """Config facts recorded with results."""
         return {"policy": self.name}
+
+    # Live-trace helpers shared by every policy. Runtimes without ``emit`` get no events.
+
+    @staticmethod
+    def _emit(
+        rt: Runtime,
+        kind: EventKind,
+        question: Question,
+        *,
+        step: Step | None = None,
+        trajectory: Trajectory | None = None,
+        message: str = "",
+    ) -> None:
+        emit = getattr(rt, "emit", None)
+        if emit is not None:
+            from kbrouter.engine.events import TraceEvent
+
+            emit(
+                TraceEvent(
+                    kind=kind, question=question, step=step, trajectory=trajectory, message=message
+                )
+            )
+
+    def _note(self, rt: Runtime, question: Question, step: Step | None, message: str) -> None:
+        """Record something unusual: logged, kept in ``step.notes``, and emitted to the trace."""
+        logging.getLogger(type(self).__module__).info(
+            "%s: %s", question.id or question.text[:40], message
+        )
+        if step is not None:
+            step.notes.append(message)
+        self._emit(rt, "note", question, step=step, message=message)

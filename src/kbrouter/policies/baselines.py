@@ -38,7 +38,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kbrouter.engine.events import EventKind, TraceEvent
 from kbrouter.errors import ConfigError
 from kbrouter.policies.base import Policy, Runtime
 from kbrouter.policies.parser import parse_answer, strip_tags
@@ -302,32 +301,6 @@ class _Baseline(Policy):
         traj.seconds = time.perf_counter() - t0
         self._emit(rt, "final", traj.question, trajectory=traj)
         return traj
-
-    # ---------------------------------------------------------------- events
-
-    @staticmethod
-    def _emit(
-        rt: Runtime,
-        kind: EventKind,
-        question: Question,
-        *,
-        step: Step | None = None,
-        trajectory: Trajectory | None = None,
-        message: str = "",
-    ) -> None:
-        emit = getattr(rt, "emit", None)
-        if emit is not None:
-            emit(
-                TraceEvent(
-                    kind=kind, question=question, step=step, trajectory=trajectory, message=message
-                )
-            )
-
-    def _note(self, rt: Runtime, question: Question, step: Step | None, message: str) -> None:
-        log.info("%s: %s", question.id or question.text[:40], message)
-        if step is not None:
-            step.notes.append(message)
-        self._emit(rt, "note", question, step=step, message=message)
 
     def _new(self, question: Question) -> Trajectory:
         return Trajectory(question=question, method=self.name, config=self.describe())

@@ -19,7 +19,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kbrouter.engine.events import EventKind, TraceEvent
 from kbrouter.errors import ModelOutputError
 from kbrouter.policies.base import Policy, Runtime
 from kbrouter.policies.parser import parse_answer, parse_route
@@ -243,27 +242,3 @@ class R1RouterPolicy(Policy):
         return SamplingParams(max_tokens=self.config.answer_max_tokens)
 
     # ------------------------------------------------------------------ events
-
-    @staticmethod
-    def _emit(
-        rt: Runtime,
-        kind: EventKind,
-        question: Question,
-        *,
-        step: Step | None = None,
-        trajectory: Trajectory | None = None,
-        message: str = "",
-    ) -> None:
-        emit = getattr(rt, "emit", None)
-        if emit is not None:
-            emit(
-                TraceEvent(
-                    kind=kind, question=question, step=step, trajectory=trajectory, message=message
-                )
-            )
-
-    def _note(self, rt: Runtime, question: Question, step: Step | None, message: str) -> None:
-        log.info("%s: %s", question.id or question.text[:40], message)
-        if step is not None:
-            step.notes.append(message)
-        self._emit(rt, "note", question, step=step, message=message)
