@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 
 from kbrouter.types import ChatMessage, ChatResult, SamplingParams
@@ -34,3 +35,23 @@ class ChatModel(ABC):
     def describe(self) -> dict:
         """Config facts recorded in trajectories and results directories."""
         return {"backend": type(self).__name__, "name": self.name}
+
+
+class PerLoopLock:
+    """One :class:`asyncio.Lock` per running event loop.
+
+    A model object can outlive one ``asyncio.run`` (the CLI and tests call the sync wrappers
+    several times); an asyncio lock is bound to the loop that first used it, so in-process
+    backends that must serialise generation keep one lock per live loop.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+    def get(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        entry = self._locks.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            self._locks = {k: v for k, v in self._locks.items() if not v[0].is_closed()}
+            entry = self._locks[id(loop)] = (loop, asyncio.Lock())
+        return entry[1]

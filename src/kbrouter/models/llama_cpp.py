@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import ConfigError, ModelError
 from kbrouter.models._messages import IMAGE_NOTE, text_only_messages
-from kbrouter.models.base import ChatModel
+from kbrouter.models.base import ChatModel, PerLoopLock
 from kbrouter.models.gguf import resolve_gguf
 from kbrouter.types import ChatMessage, ChatResult, SamplingParams
 
@@ -177,7 +177,7 @@ class LlamaCppModel(ChatModel):
         self.context_window = config.n_ctx
         self._llm: Any = None
         self._thread_lock = threading.Lock()
-        self._locks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+        self._lock = PerLoopLock()
         self._grammars: dict[str, Any] = {}
         self._formatter: Any = None
         self._states: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
@@ -194,7 +194,7 @@ class LlamaCppModel(ChatModel):
     ) -> ChatResult:
         params = params or SamplingParams()
         wire = text_only_messages(messages, self.config.image_note)
-        async with self._lock():
+        async with self._lock.get():
             return await asyncio.to_thread(self._chat_sync, wire, params)
 
     async def aclose(self) -> None:
@@ -227,14 +227,6 @@ class LlamaCppModel(ChatModel):
             return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     # ------------------------------------------------------------------ internals
-
-    def _lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        entry = self._locks.get(id(loop))
-        if entry is None or entry[0] is not loop:
-            self._locks = {k: v for k, v in self._locks.items() if not v[0].is_closed()}
-            entry = self._locks[id(loop)] = (loop, asyncio.Lock())
-        return entry[1]
 
     def _load_locked(self) -> None:
         if self._llm is not None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import ConfigError, ModelError
 from kbrouter.models._messages import IMAGE_NOTE, image_bytes, message_text
-from kbrouter.models.base import ChatModel
+from kbrouter.models.base import ChatModel, PerLoopLock
 from kbrouter.types import ChatMessage, ChatResult, ImagePart, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class TransformersModel(ChatModel):
         self._tokenizer: Any = None
         self._processor: Any = None
         self._thread_lock = threading.Lock()
-        self._locks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+        self._lock = PerLoopLock()
 
     # ------------------------------------------------------------------ public API
 
@@ -102,7 +102,7 @@ class TransformersModel(ChatModel):
         self, messages: list[ChatMessage], params: SamplingParams | None = None
     ) -> ChatResult:
         params = params or SamplingParams()
-        async with self._lock():
+        async with self._lock.get():
             return await asyncio.to_thread(self._chat_sync, messages, params)
 
     async def aclose(self) -> None:
@@ -131,14 +131,6 @@ class TransformersModel(ChatModel):
             return self._template(self._wire(messages))
 
     # ------------------------------------------------------------------ internals
-
-    def _lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        entry = self._locks.get(id(loop))
-        if entry is None or entry[0] is not loop:
-            self._locks = {k: v for k, v in self._locks.items() if not v[0].is_closed()}
-            entry = self._locks[id(loop)] = (loop, asyncio.Lock())
-        return entry[1]
 
     def _load_locked(self) -> None:
         if self._model is not None:
