@@ -490,9 +490,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         "numpy `q @ x.T` + `argpartition` in this run (FAISS bundles OpenBLAS 0.3.15, numpy "
         "0.3.31). A side check on random-100k, batch of 64: FAISS flat 2.2-2.7 s with 1 or 2 "
         "OpenMP threads and either wait policy, numpy 0.4-0.5 s; `OPENBLAS_CORETYPE` did not "
-        "change it. Single queries (FAISS's own SIMD scan) are the case kbrouter's loop "
-        "issues; there FAISS beats numpy at 10k and reaches 0.3-0.6 of the bandwidth floor "
-        "under this load (0.75 in the side check: 43 ms per query over 100k rows).",
+        "change it. Single queries (FAISS's own single-thread SIMD scan) are what kbrouter's "
+        "loop issues; there FAISS flat reaches 0.6-0.7 of the single-thread bandwidth floor "
+        "at 100k (cache-resident above 1 at ~10k), while numpy's multi-threaded BLAS is "
+        "faster still on 2 idle cores; HNSW is the better choice past ~100k vectors.",
         "- FAISS 1.15 logs `Could not load library with AVX2 support` at import: the wheel "
         "has one library with runtime SIMD dispatch (compile options "
         "`DD AVX2 AVX512 AVX512_SPR`), so the message is harmless.",
