@@ -265,21 +265,6 @@ class FaissStore(VectorStore):
         return store
 
     # --- helpers --------------------------------------------------------------------------
-    def _check(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        arr = np.asarray(vectors)
-        if arr.ndim == 1 and arr.shape[0] == self.dim:
-            arr = arr[None, :]
-        if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise IndexError_(
-                f"{what}: expected vectors of shape (n, {self.dim}), got {tuple(arr.shape)}"
-            )
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise IndexError_(f"{what}: expected float vectors, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise IndexError_(f"{what}: vectors contain NaN or infinity")
-        return arr
-
     def __repr__(self) -> str:
         return f"FaissStore(index={self.cfg.index!r}, dim={self.dim}, n={len(self)})"
 
