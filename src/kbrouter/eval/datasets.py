@@ -293,55 +293,49 @@ def _image_dir(name: str, root: Path, image_dir: str | Path | None) -> Path:
     return root / _R1 / "images" / name
 
 
+def _load_single_answer(
+    path: Path,
+    name: str,
+    id_prefix: str,
+    id_width: int,
+    source: str,
+    paper_compat: bool,
+    answer_type: str | None = None,
+) -> EvalDataset:
+    """Text-only files whose records are ``{"question", "answer"}``: gold = ``[answer]``."""
+    exs = []
+    for i, (ln, rec) in enumerate(_iter_jsonl(path)):
+        qid = f"{id_prefix}-{i:0{id_width}d}"
+        exs.append(
+            EvalExample(
+                id=qid,
+                question=Question(text=_field(rec, "question", path, ln), id=qid),
+                golds=_gold_strings([_field(rec, "answer", path, ln)], paper_compat),
+                source=source,
+            )
+        )
+    extra = {"answer_type": answer_type} if answer_type else {}
+    return EvalDataset(name, exs, path=path, paper_compat=paper_compat, **extra)
+
+
 def load_2wiki(root: Path, paper_compat: bool = False, **_: Any) -> EvalDataset:
     """2WikiMultihopQA dev subset (3000); gold = ``[answer]``."""
     path = root / _R1 / "2wikimultihopqa_val.jsonl"
-    exs = []
-    for i, (ln, rec) in enumerate(_iter_jsonl(path)):
-        q = _field(rec, "question", path, ln)
-        exs.append(
-            EvalExample(
-                id=f"2wiki-{i:05d}",
-                question=Question(text=q, id=f"2wiki-{i:05d}"),
-                golds=_gold_strings([_field(rec, "answer", path, ln)], paper_compat),
-                source="2wikimultihopqa",
-            )
-        )
-    return EvalDataset("2wiki", exs, path=path, paper_compat=paper_compat)
+    return _load_single_answer(path, "2wiki", "2wiki", 5, "2wikimultihopqa", paper_compat)
 
 
 def load_openwikitable(root: Path, paper_compat: bool = False, **_: Any) -> EvalDataset:
     """Open-WikiTable validation subset (3000); gold = ``[answer]`` (210 are ``"None"``)."""
     path = root / _R1 / "openwikitqa_val.jsonl"
-    exs = []
-    for i, (ln, rec) in enumerate(_iter_jsonl(path)):
-        qid = f"owt-{i:05d}"
-        exs.append(
-            EvalExample(
-                id=qid,
-                question=Question(text=_field(rec, "question", path, ln), id=qid),
-                golds=_gold_strings([_field(rec, "answer", path, ln)], paper_compat),
-                source="openwikitable",
-            )
-        )
-    return EvalDataset("openwikitable", exs, path=path, paper_compat=paper_compat)
+    return _load_single_answer(path, "openwikitable", "owt", 5, "openwikitable", paper_compat)
 
 
 def load_tabfact(root: Path, paper_compat: bool = False, **_: Any) -> EvalDataset:
     """TabFact statements as yes/no questions (1000); gold = ``[answer]``."""
     path = root / _R1 / "tabfact_val.jsonl"
-    exs = []
-    for i, (ln, rec) in enumerate(_iter_jsonl(path)):
-        qid = f"tabfact-{i:04d}"
-        exs.append(
-            EvalExample(
-                id=qid,
-                question=Question(text=_field(rec, "question", path, ln), id=qid),
-                golds=_gold_strings([_field(rec, "answer", path, ln)], paper_compat),
-                source="tabfact",
-            )
-        )
-    return EvalDataset("tabfact", exs, path=path, answer_type="yesno", paper_compat=paper_compat)
+    return _load_single_answer(
+        path, "tabfact", "tabfact", 4, "tabfact", paper_compat, answer_type="yesno"
+    )
 
 
 def load_infoseek(
