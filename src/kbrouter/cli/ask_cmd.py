@@ -150,11 +150,9 @@ class _LiveTrace:
             f"stop: {traj.stop_reason} · {len(traj.steps)} step(s) · {n_ret} retrieval(s) · "
             f"{traj.prompt_tokens}+{traj.completion_tokens} tokens · {traj.seconds:.1f}s"
         )
-        console.print(
-            Panel(
-                escape(traj.answer or "(no answer)"), title="answer", subtitle=facts, expand=False
-            )
-        )
+        # The facts go below the panel: as a subtitle they are cut to the answer's width.
+        console.print(Panel(escape(traj.answer or "(no answer)"), title="answer", expand=False))
+        console.print(f"[dim]{escape(facts)}[/]")
 
 
 def register(app: typer.Typer) -> None:
