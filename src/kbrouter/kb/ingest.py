@@ -128,6 +128,19 @@ def _iter_jsonl(
             yield lineno, obj
 
 
+def _manifest_row(obj: dict, *optional: str) -> tuple[str, str, dict[str, str]]:
+    """A manifest row's ``id`` and ``path`` plus optional string fields (``""`` when absent).
+
+    Raises ``ValueError`` naming the problem (the caller reports it as a bad row).
+    """
+    id_ = _str_field(obj, "id", True)
+    rel = _str_field(obj, "path", True)
+    extra = {key: _str_field(obj, key, False) or "" for key in optional}
+    if id_ is None or rel is None:
+        raise ValueError("missing or empty 'id' or 'path'")
+    return id_, rel, extra
+
+
 def _str_field(obj: dict, key: str, required: bool) -> str | None:
     """The field as a stripped string; None if missing/empty (an error when required)."""
     v = obj.get(key)
@@ -307,15 +320,11 @@ def read_tables(
     out: list[TableRecord] = []
     for line, obj in _iter_jsonl(manifest, report, on_bad_row):
         try:
-            id_ = _str_field(obj, "id", True)
-            rel = _str_field(obj, "path", True)
-            title = _str_field(obj, "title", False) or ""
+            id_, rel, extra = _manifest_row(obj, "title")
         except ValueError as e:
             report.add(BadRow(manifest, line, str(e)), on_bad_row)
             continue
-        if id_ is None or rel is None:
-            report.add(BadRow(manifest, line, "missing or empty 'id' or 'path'"), on_bad_row)
-            continue
+        title = extra["title"]
         path = resolve_relative(rel, manifest)
         if not path.is_file():
             report.add(BadRow(manifest, line, f"table file not found: {path}"), on_bad_row)
@@ -371,16 +380,11 @@ def read_images(
     out: list[ImageRecord] = []
     for line, obj in _iter_jsonl(manifest, report, on_bad_row):
         try:
-            id_ = _str_field(obj, "id", True)
-            rel = _str_field(obj, "path", True)
-            caption = _str_field(obj, "caption", False) or ""
-            title = _str_field(obj, "title", False) or ""
+            id_, rel, extra = _manifest_row(obj, "caption", "title")
         except ValueError as e:
             report.add(BadRow(manifest, line, str(e)), on_bad_row)
             continue
-        if id_ is None or rel is None:
-            report.add(BadRow(manifest, line, "missing or empty 'id' or 'path'"), on_bad_row)
-            continue
+        caption, title = extra["caption"], extra["title"]
         if not caption and not title:
             report.add(BadRow(manifest, line, f"image {id_!r} has no caption or title"), on_bad_row)
             continue

@@ -237,33 +237,35 @@ class KBRegistry:
 
     def text_encoder(self, name: str) -> TextEncoder:
         """The shared text encoder for a config encoder name (loaded on first use)."""
-        key = name.strip()
-        with self._lock:
-            enc = self._text_encoders.get(key)
-            if enc is None:
-                if self._text_loader is not None:
-                    enc = self._text_loader(key)
-                else:
-                    from kbrouter.encoders.text import load_text_encoder
 
-                    enc = load_text_encoder(key, device=self.device)
-                self._text_encoders[key] = enc
-            return enc
+        def load(key: str) -> TextEncoder:
+            if self._text_loader is not None:
+                return self._text_loader(key)
+            from kbrouter.encoders.text import load_text_encoder
+
+            return load_text_encoder(key, device=self.device)
+
+        return self._shared(self._text_encoders, name, load)
 
     def image_encoder(self, name: str) -> ImageEncoder:
         """The shared image encoder for a config image-encoder name (loaded on first use)."""
+
+        def load(key: str) -> ImageEncoder:
+            if self._image_loader is not None:
+                return self._image_loader(key)
+            from kbrouter.encoders.image import load_image_encoder
+
+            return load_image_encoder(key, device=self.device)
+
+        return self._shared(self._image_encoders, name, load)
+
+    def _shared(self, cache: dict[str, Any], name: str, load: Callable[[str], Any]) -> Any:
+        """One encoder instance per name across KBs, loaded once under the registry lock."""
         key = name.strip()
         with self._lock:
-            enc = self._image_encoders.get(key)
-            if enc is None:
-                if self._image_loader is not None:
-                    enc = self._image_loader(key)
-                else:
-                    from kbrouter.encoders.image import load_image_encoder
-
-                    enc = load_image_encoder(key, device=self.device)
-                self._image_encoders[key] = enc
-            return enc
+            if key not in cache:
+                cache[key] = load(key)
+            return cache[key]
 
     def _encoders_for(self, cfg: Any) -> tuple[TextEncoder | None, ImageEncoder | None]:
         cls = kb_class(cfg)
