@@ -1,18 +1,26 @@
 """Training benchmark -> benchmarks/results/train.json + train.md.
 
-SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, de-quantised to float32 by transformers) on the
-released R1-Router validation steps (``grpo_dataset_valid_new.jsonl``), router (``ret``) steps
-only, split by trajectory (seeded, stratified by source):
+SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, de-quantised to float32 by transformers) trained
+on router (``ret``) step samples from two sources, each split by trajectory (seeded, stratified
+by source, 80/20):
 
-1. **prompt-only**: held-out routing accuracy / mean step reward of the untrained model;
-2. **SFT**: a short SFT run on the training split (samples/s, peak RSS), then the same check;
-3. **Step-GRPO**: a short Step-GRPO run (paper rewards: 0.5 MiniLM cosine + 0.5 routing)
-   starting from the SFT checkpoint (samples/s = completions/s, peak RSS), then the same check.
+- **mkqa-synth**: steps synthesised from mkqa-mini dev questions by the engine with the
+  strongest local model as teacher (``kbrouter synth``; its output file is ``--synth``);
+- **released**: the R1-Router validation steps (``grpo_dataset_valid_new.jsonl``).
 
-Held-out checks complete every held-out router prompt greedily and score it with the step
-reward. The CPU is shared with other jobs; ``uptime`` load is recorded.
+Phases (each checked on the same held-out router steps of both sources, greedy decoding,
+scored with the paper's step reward):
 
-    .venv/bin/python benchmarks/bench_train.py [--sft-steps 30] [--grpo-steps 6] [--heldout 24]
+1. **prompt-only**: the untrained model;
+2. **SFT** on the training steps (samples/s, peak RSS);
+3. **Step-GRPO** from the SFT checkpoint (completions/s, peak RSS).
+
+Prompts longer than ``--max-prompt-tokens`` are left out (a 135M model on 2 CPU cores), as
+stated in the results. ``uptime`` load is recorded: the CPU may be shared.
+
+    .venv/bin/kbrouter synth -d mkqa-mini --teacher llama-cpp:qwen2.5-coder-1.5b \
+        --kbs benchmarks/mkqa_kbs.toml --out runs/synth/mkqa-dev-1.5b.jsonl --limit 40 --seed 1
+    .venv/bin/python benchmarks/bench_train.py --synth runs/synth/mkqa-dev-1.5b.jsonl
 """
 
 from __future__ import annotations
@@ -85,11 +93,28 @@ def check(model: Any, tok: Any, samples: list, rewarder: Any, max_new_tokens: in
     }
 
 
+def load_synth_stats(path: Path) -> dict[str, Any]:
+    """What the synthesis run did, from its resumable progress file."""
+    progress = Path(str(path) + ".progress.jsonl")
+    if not progress.is_file():
+        return {}
+    rows = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    return {"questions": len(rows), "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sft-steps", type=int, default=8)
-    ap.add_argument("--grpo-steps", type=int, default=3)
-    ap.add_argument("--heldout", type=int, default=12, help="Held-out router steps checked.")
+    ap.add_argument("--synth", type=Path, default=REPO / "runs" / "synth" / "mkqa-dev-1.5b.jsonl")
+    ap.add_argument("--teacher", default="llama-cpp:qwen2.5-coder-1.5b", help="recorded only")
+    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--sft-batch", type=int, default=2)
+    ap.add_argument("--sft-lr", type=float, default=5e-5)
+    ap.add_argument("--grpo-steps", type=int, default=12)
+    ap.add_argument("--grpo-generations", type=int, default=4)
+    ap.add_argument("--grpo-prompts", type=int, default=2, help="prompts per GRPO update")
+    ap.add_argument("--grpo-lr", type=float, default=1e-5)
+    ap.add_argument("--heldout-released", type=int, default=24, help="released held-out steps")
+    ap.add_argument("--max-prompt-tokens", type=int, default=900)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -101,46 +126,84 @@ def main() -> None:
 
     from kbrouter.train.config import SFTConfig, StepGRPOConfig
     from kbrouter.train.modeling import load_causal_lm, load_tokenizer
-    from kbrouter.train.records import select_kinds
-    from kbrouter.train.rewards import RewardConfig, StepRewarder
+    from kbrouter.train.records import prompt_messages, select_kinds
+    from kbrouter.train.rewards import KBNames, RewardConfig, StepRewarder
     from kbrouter.train.sft import train_sft
     from kbrouter.train.step_grpo import train_step_grpo
     from kbrouter.train.steps import read_steps, split_steps
 
-    samples = read_steps(STEPS_FILE)
-    train_all, val_all = split_steps(samples, val_fraction=0.2, seed=args.seed)
-    train = select_kinds(train_all, ["ret"])
-    heldout = select_kinds(val_all, ["ret"])[: args.heldout]
-    rewarder = StepRewarder(RewardConfig.paper())
+    tok = load_tokenizer("smollm2-135m")
+
+    def fits(sample: Any) -> bool:
+        ids = tok.apply_chat_template(prompt_messages(sample), add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return len(ids) <= args.max_prompt_tokens
+
+    groups: dict[str, tuple[list, list]] = {}
+    for name, path in (("mkqa-synth", args.synth), ("released", STEPS_FILE)):
+        if not path.is_file():
+            print(f"skipping {name}: {path} not found", flush=True)
+            continue
+        tr, va = split_steps(read_steps(path), val_fraction=0.2, seed=args.seed)
+        groups[name] = (
+            [s for s in select_kinds(tr, ["ret"]) if fits(s)],
+            [s for s in select_kinds(va, ["ret"]) if fits(s)],
+        )
+    if "released" in groups:
+        tr, va = groups["released"]
+        groups["released"] = (tr, va[: args.heldout_released])
+    train = [s for tr, _ in groups.values() for s in tr]
+    heldout = {name: va for name, (_, va) in groups.items()}
+    # KB names of both sources: ours (text/table/image) with the paper's names as aliases
+    kb_names = KBNames(
+        {
+            "text": ["Text Retriever"],
+            "table": ["Table Retriever"],
+            "image": ["Text Image Retriever"],
+        }
+    )
+    rewarder = StepRewarder(RewardConfig.paper(), kb_names=kb_names)
     _ = rewarder.encoder  # load MiniLM outside the timed sections
+    synth_stats = load_synth_stats(args.synth)
+    kept = {r.get("id") for r in synth_stats.get("rows", []) if r.get("kept")}
     results: dict[str, Any] = {
         "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, de-quantised to float32)",
-        "data": f"{STEPS_FILE.name}: ret steps, {len(train)} train / {len(heldout)} held-out "
-        f"(trajectory split 0.8/0.2, seed {args.seed})",
+        "teacher": args.teacher,
+        "synth_questions": synth_stats.get("questions"),
+        "synth_kept": len(kept) if synth_stats else None,
+        "data": {name: {"train": len(tr), "heldout": len(va)} for name, (tr, va) in groups.items()},
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "seed": args.seed,
         "torch_threads": torch.get_num_threads(),
         "uptime_start": uptime(),
         "phases": {},
     }
+    print(json.dumps(results["data"]), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    tok = load_tokenizer("smollm2-135m")
     t0 = time.perf_counter()
     base = load_causal_lm("smollm2-135m")
     results["load_gguf_seconds"] = round(time.perf_counter() - t0, 1)
 
+    def checks(model: Any) -> dict[str, Any]:
+        return {
+            name: check(model, tok, va, rewarder, args.max_new_tokens)
+            for name, va in heldout.items()
+            if va
+        }
+
     print("prompt-only check ...", flush=True)
-    results["phases"]["prompt_only"] = {
-        "check": check(base, tok, heldout, rewarder, args.max_new_tokens)
-    }
+    results["phases"]["prompt_only"] = {"check": checks(base)}
+    print(json.dumps(results["phases"]["prompt_only"]), flush=True)
 
     print("SFT ...", flush=True)
     sft_cfg = SFTConfig(
         model="smollm2-135m",
         output_dir=work / "sft",
-        learning_rate=5e-5,
+        learning_rate=args.sft_lr,
         max_steps=args.sft_steps,
-        per_device_train_batch_size=1,
-        logging_steps=1,
-        max_length=1024,
+        per_device_train_batch_size=args.sft_batch,
+        logging_steps=5,
+        max_length=args.max_prompt_tokens + 128,
         step_kinds=["ret"],
         seed=args.seed,
     )
@@ -148,29 +211,32 @@ def main() -> None:
         sft = train_sft(train, sft_cfg, model=base, tokenizer=tok)
     sft_samples = sft.steps * sft_cfg.per_device_train_batch_size
     sft_model = AutoModelForCausalLM.from_pretrained(sft.checkpoint)
+    losses = sft.metric_series("loss")
     results["phases"]["sft"] = {
         "steps": sft.steps,
         "batch_size": sft_cfg.per_device_train_batch_size,
+        "learning_rate": sft_cfg.learning_rate,
+        "epochs": round(sft_samples / len(train), 2),
         "train_seconds": round(sft.seconds, 1),
         "samples_per_second": round(sft_samples / sft.seconds, 3),
         "peak_rss_mb": mem.peak_mb,
-        "loss_first_last": [
-            round(x, 4) for x in sft.metric_series("loss")[:1] + sft.metric_series("loss")[-1:]
-        ],
+        "loss_first_last": [round(x, 4) for x in losses[:1] + losses[-1:]],
         "uptime": uptime(),
-        "check": check(sft_model, tok, heldout, rewarder, args.max_new_tokens),
+        "check": checks(sft_model),
     }
+    print(json.dumps(results["phases"]["sft"]["check"]), flush=True)
     del base
 
     print("Step-GRPO ...", flush=True)
+    g = args.grpo_generations
     grpo_cfg = StepGRPOConfig.paper_preset(
         str(sft.checkpoint),
         work / "grpo",
-        num_generations=2,
-        per_device_train_batch_size=2,
+        num_generations=g,
+        per_device_train_batch_size=g * args.grpo_prompts,
         max_steps=args.grpo_steps,
         max_completion_length=args.max_new_tokens,
-        learning_rate=1e-5,
+        learning_rate=args.grpo_lr,
         logging_steps=1,
         step_kinds=["ret"],
         seed=args.seed,
@@ -182,15 +248,16 @@ def main() -> None:
     rewards = grpo.metric_series("reward")
     results["phases"]["step_grpo"] = {
         "steps": grpo.steps,
-        "group_size": grpo_cfg.num_generations,
+        "group_size": g,
         "completions_per_step": grpo_cfg.per_device_train_batch_size,
+        "learning_rate": grpo_cfg.learning_rate,
         "train_seconds": round(grpo.seconds, 1),
         "samples_per_second": round(completions / grpo.seconds, 3),
-        "prompts_per_second": round(completions / grpo_cfg.num_generations / grpo.seconds, 3),
+        "prompts_per_second": round(completions / g / grpo.seconds, 3),
         "peak_rss_mb": mem.peak_mb,
         "train_reward_per_step": [round(r, 4) for r in rewards],
         "uptime": uptime(),
-        "check": check(grpo_model, tok, heldout, rewarder, args.max_new_tokens),
+        "check": checks(grpo_model),
     }
     results["uptime_end"] = uptime()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -201,53 +268,63 @@ def main() -> None:
 
 def render(r: dict[str, Any]) -> str:
     p = r["phases"]
+    data = ", ".join(
+        f"{name}: {d['train']} train / {d['heldout']} held-out" for name, d in r["data"].items()
+    )
     lines = [
         "# Training benchmark (SmolLM2-135M on CPU)",
         "",
-        f"Model: {r['model']}. Data: {r['data']}. torch threads: {r['torch_threads']}. "
-        f"GGUF load + de-quantisation: {r['load_gguf_seconds']} s.",
-        f"Load at start: `{r['uptime_start']}`; at end: `{r['uptime_end']}` (shared CPU).",
+        f"Model: {r['model']}. Router (`ret`) steps only, prompts <= {r['max_prompt_tokens']} "
+        f"tokens, trajectory split 0.8/0.2 (seed {r['seed']}): {data}. "
+        f"mkqa-synth = steps synthesised by `{r['teacher']}` through the engine on "
+        f"{r['synth_questions']} mkqa-mini dev questions ({r['synth_kept']} trajectories kept at "
+        f"F1-Recall 1); released = grpo_dataset_valid_new.jsonl. torch threads: "
+        f"{r['torch_threads']}. GGUF load + de-quantisation: {r['load_gguf_seconds']} s.",
+        f"Load at start: `{r['uptime_start']}`; at end: `{r['uptime_end']}`.",
         "",
         "## Throughput and memory",
         "",
-        "| phase | updates | samples/s | peak RSS (MB) | wall s |",
-        "|---|---:|---:|---:|---:|",
+        "| phase | updates | lr | samples/s | peak RSS (MB) | wall s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     if "sft" in p:
         s = p["sft"]
         lines.append(
-            f"| SFT (batch {s['batch_size']}) | {s['steps']} | {s['samples_per_second']} | "
-            f"{s['peak_rss_mb']} | {s['train_seconds']} |"
+            f"| SFT (batch {s['batch_size']}, {s['epochs']} epochs) | {s['steps']} | "
+            f"{s['learning_rate']} | {s['samples_per_second']} | {s['peak_rss_mb']} | "
+            f"{s['train_seconds']} |"
         )
     if "step_grpo" in p:
         g = p["step_grpo"]
         lines.append(
             f"| Step-GRPO (G={g['group_size']}, {g['completions_per_step']} completions/update) | "
-            f"{g['steps']} | {g['samples_per_second']} completions/s "
+            f"{g['steps']} | {g['learning_rate']} | {g['samples_per_second']} completions/s "
             f"({g['prompts_per_second']} prompts/s) | {g['peak_rss_mb']} | {g['train_seconds']} |"
         )
     lines += [
         "",
         "## Held-out router steps (greedy)",
         "",
-        "| model | routing accuracy | mean step reward | format rate |",
-        "|---|---:|---:|---:|",
+        "| model | held-out set | routing accuracy | mean step reward | format rate |",
+        "|---|---|---:|---:|---:|",
     ]
     for name, key in (("prompt-only", "prompt_only"), ("SFT", "sft"), ("Step-GRPO", "step_grpo")):
-        if key in p:
-            c = p[key]["check"]
+        for group, c in p.get(key, {}).get("check", {}).items():
             lines.append(
-                f"| {name} | {c['routing_accuracy']} | {c['mean_reward']} | {c['format_rate']} |"
+                f"| {name} | {group} | {c['routing_accuracy']} | {c['mean_reward']} | "
+                f"{c['format_rate']} |"
             )
+    if "step_grpo" in p:
+        lines += [
+            "",
+            "Step-GRPO mean training reward per update: "
+            + ", ".join(str(x) for x in p["step_grpo"]["train_reward_per_step"]),
+        ]
     lines += [
         "",
         "Step reward = paper preset: 0.5 x MiniLM cosine(sub-question, teacher's) + 0.5 x "
-        "[exactly the teacher's KB], 0 if the tags do not parse.",
-        "",
-        "What this shows and does not: a 135M model trained for a few dozen updates on 2 shared "
-        "CPU cores demonstrates that the pipeline runs end to end (GGUF -> transformers -> TRL "
-        "SFT/GRPO -> checkpoint) and what it costs; the held-out numbers are a smoke signal on "
-        "a couple dozen prompts, not evidence for or against the paper's accuracy gains.",
+        "[exactly the teacher's KB], 0 if the tags do not parse. Routing accuracy counts a "
+        "router step right when it names exactly the target KB (or stops when the target stops).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,10 @@ Usage (from the repo root; builds the mkqa-mini indexes first if missing)::
 
     .venv/bin/python benchmarks/run_mkqa_eval.py --limit 30
     .venv/bin/python benchmarks/run_mkqa_eval.py --limit 30 --methods direct,all-kbs
+    .venv/bin/python benchmarks/run_mkqa_eval.py --methods 'r1-router@min_retrieval_steps=1'
+
+A method may carry policy settings after ``@`` (``name@key=value;key=value``); they are
+recorded in the run and shown in the report's row label.
 
 Interrupted runs resume: re-run the same command.
 """
@@ -35,6 +39,21 @@ def _load() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def _parse_method(entry: str) -> tuple[str, dict[str, object]]:
+    """``name@key=value;key=value`` -> (name, settings); values are JSON when they parse."""
+    name, _, opts = entry.partition("@")
+    options: dict[str, object] = {}
+    for item in filter(None, (o.strip() for o in opts.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"method setting {item!r} in {entry!r} is not key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name.strip(), options
 
 
 def main() -> None:
@@ -85,8 +104,9 @@ def main() -> None:
         "methods": {},
     }
     run_dirs = []
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        out_dir = args.runs / method.replace(":", "_")
+    for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        method, options = _parse_method(entry)
+        out_dir = args.runs / entry.replace(":", "_").replace("@", "_").replace(";", "_")
         t = time.perf_counter()
         summary = run_eval(
             "mkqa-mini",
@@ -101,15 +121,16 @@ def main() -> None:
             model=model,
             registry=registry,
             keep_messages=False,
+            method_options=options,
         )
-        bench["methods"][method] = {
+        bench["methods"][entry] = {
             "wall_seconds": round(time.perf_counter() - t, 1),
             "f1_recall": summary.get("f1_recall"),
             "questions": summary.get("questions"),
             "load_after": _load(),
         }
         run_dirs.append(out_dir)
-        print(f"{method}: F1-Recall {summary.get('f1_recall'):.2f} ({summary['questions']} q)")
+        print(f"{entry}: F1-Recall {summary.get('f1_recall'):.2f} ({summary['questions']} q)")
         # the report is rewritten after every method, so a stopped benchmark still has one
         bench["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         bench["load_after"] = _load()

@@ -173,6 +173,15 @@ def test_report_tables_and_plots(dataset, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_rows_name_method_settings(dataset, tmp_path):
+    """Two runs of one method with different policy settings get distinct report rows."""
+    runs = tmp_path / "runs"
+    _run(dataset, runs / "ircot", method="ircot")
+    _run(dataset, runs / "ircot2", method="ircot", method_options={"max_steps": 1})
+    rep = write_report([runs], tmp_path / "report")
+    assert sorted(rep.rows) == ["ircot", "ircot (max_steps=1)"]
+
+
 def test_cli_report_and_errors(dataset, tmp_path):
     """`kbrouter report` writes the files; bad input to `kbrouter eval` is a clean exit 2."""
     _run(dataset, tmp_path / "runs" / "a", method="all-kbs")

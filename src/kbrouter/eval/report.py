@@ -152,6 +152,9 @@ def _row_label(r: RunResult, runs: Sequence[RunResult]) -> str:
     models = {x.model for x in runs}
     modes = {bool(x.run.get("paper_compat")) for x in runs}
     label = r.method
+    options = r.run.get("method_options") or {}
+    if options:
+        label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
     if len(models) > 1:
         label += f" [{r.model}]"
     if len(modes) > 1 and r.run.get("paper_compat"):
