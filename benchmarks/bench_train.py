@@ -191,9 +191,17 @@ def main() -> None:
             if va
         }
 
+    def save() -> None:
+        """Results so far (rewritten after every phase, so a stopped run keeps its figures)."""
+        results["uptime_end"] = uptime()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "train.json").write_text(json.dumps(results, indent=2))
+        (RESULTS / "train.md").write_text(render(results))
+
     print("prompt-only check ...", flush=True)
     results["phases"]["prompt_only"] = {"check": checks(base)}
     print(json.dumps(results["phases"]["prompt_only"]), flush=True)
+    save()
 
     print("SFT ...", flush=True)
     sft_cfg = SFTConfig(
@@ -225,6 +233,7 @@ def main() -> None:
         "check": checks(sft_model),
     }
     print(json.dumps(results["phases"]["sft"]["check"]), flush=True)
+    save()
     del base
 
     print("Step-GRPO ...", flush=True)
@@ -259,10 +268,7 @@ def main() -> None:
         "uptime": uptime(),
         "check": checks(grpo_model),
     }
-    results["uptime_end"] = uptime()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "train.md").write_text(render(results))
+    save()
     print(render(results))
 
 
