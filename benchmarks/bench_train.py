@@ -19,7 +19,7 @@ Prompts longer than ``--max-prompt-tokens`` are left out (a 135M model on 2 CPU 
 stated in the results. ``uptime`` load is recorded: the CPU may be shared.
 
     .venv/bin/kbrouter synth -d mkqa-mini --teacher llama-cpp:qwen2.5-coder-1.5b \
-        --kbs benchmarks/mkqa_kbs.toml --out runs/synth/mkqa-dev-1.5b.jsonl --limit 40 --seed 1
+        --kbs benchmarks/mkqa_kbs.toml --out runs/synth/mkqa-dev-1.5b.jsonl --limit 20 --seed 1
     .venv/bin/python benchmarks/bench_train.py --synth runs/synth/mkqa-dev-1.5b.jsonl
 """
 
@@ -106,15 +106,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--synth", type=Path, default=REPO / "runs" / "synth" / "mkqa-dev-1.5b.jsonl")
     ap.add_argument("--teacher", default="llama-cpp:qwen2.5-coder-1.5b", help="recorded only")
-    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--sft-batch", type=int, default=2)
     ap.add_argument("--sft-lr", type=float, default=5e-5)
-    ap.add_argument("--grpo-steps", type=int, default=12)
+    ap.add_argument("--grpo-steps", type=int, default=8)
     ap.add_argument("--grpo-generations", type=int, default=4)
     ap.add_argument("--grpo-prompts", type=int, default=2, help="prompts per GRPO update")
     ap.add_argument("--grpo-lr", type=float, default=1e-5)
     ap.add_argument("--heldout-released", type=int, default=24, help="released held-out steps")
-    ap.add_argument("--max-prompt-tokens", type=int, default=900)
+    ap.add_argument("--max-prompt-tokens", type=int, default=1150)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
