@@ -331,6 +331,9 @@ def render(r: dict[str, Any]) -> str:
         "Step reward = paper preset: 0.5 x MiniLM cosine(sub-question, teacher's) + 0.5 x "
         "[exactly the teacher's KB], 0 if the tags do not parse. Routing accuracy counts a "
         "router step right when it names exactly the target KB (or stops when the target stops).",
+        "",
+        "What a 135M model trained for a few dozen updates on 2 CPU cores can and cannot show: "
+        "docs/training.md, section 5.",
     ]
     return "\n".join(lines) + "\n"
 
