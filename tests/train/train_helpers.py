@@ -56,7 +56,7 @@ def warmup_data() -> list[StepSample]:
     """SFT warm start: the tag format and a *weak* prompt-dependent route. Each of 32 questions
     appears 4 times, 3 naming the right KB and 1 the wrong one, so a model that fits the data
     routes right with probability ~0.75 and Step-GRPO has room to raise the routing reward
-    (or, trained on the inverted rule, to turn the routing round)."""
+    (or, trained on the inverted rule, to push the routing the other way)."""
     out = []
     for base in toy_set(32, seed=0):
         right = base.target.retrievers[0]
