@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import DATA, RESULTS, PeakRSS, uptime  # noqa: E402
-
-STEPS_FILE = DATA / "r1router" / "grpo_dataset_valid_new.jsonl"
+from bench_train import (  # noqa: E402
+    RESULTS,
+    STEPS_FILE,
+    PeakRSS,
+    paper_rewarder,
+    prompt_tokens,
+    uptime,
+)
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
@@ -33,30 +38,17 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
     from kbrouter.train.config import StepGRPOConfig
     from kbrouter.train.modeling import load_causal_lm, load_tokenizer
-    from kbrouter.train.records import prompt_messages, select_kinds
-    from kbrouter.train.rewards import KBNames, RewardConfig, StepRewarder
+    from kbrouter.train.records import select_kinds
     from kbrouter.train.step_grpo import train_step_grpo
     from kbrouter.train.steps import read_steps
 
     tok = load_tokenizer("smollm2-135m")
-
-    def n_tokens(sample: Any) -> int:
-        ids = tok.apply_chat_template(prompt_messages(sample), add_generation_prompt=True)
-        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    steps = [(n_tokens(s), s) for s in select_kinds(read_steps(STEPS_FILE), ["ret"])]
+    steps = [(prompt_tokens(tok, s), s) for s in select_kinds(read_steps(STEPS_FILE), ["ret"])]
     # the longest prompts that fit: the case that set the peak in bench_train
     steps = sorted((x for x in steps if x[0] <= args.max_prompt_tokens), key=lambda x: -x[0])
-    train = [s for _, s in steps[: args.prompts * args.steps]]
-    kb_names = KBNames(
-        {
-            "text": ["Text Retriever"],
-            "table": ["Table Retriever"],
-            "image": ["Text Image Retriever"],
-        }
-    )
-    rewarder = StepRewarder(RewardConfig.paper(), kb_names=kb_names)
-    _ = rewarder.encoder
+    chosen = steps[: args.prompts * args.steps]
+    train = [s for _, s in chosen]
+    rewarder = paper_rewarder()
     model = load_causal_lm("smollm2-135m")
     cfg = StepGRPOConfig.paper_preset(
         "smollm2-135m",
@@ -77,7 +69,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "updates": res.steps,
-        "prompt_tokens": [n for n, _ in steps[: args.prompts * args.steps]],
+        "prompt_tokens": [n for n, _ in chosen],
         "seconds_per_update": round(res.seconds / max(res.steps, 1), 1),
         "peak_rss_mb": mem.peak_mb,
         "uptime": uptime(),
@@ -136,11 +128,7 @@ def main() -> None:
         "variants": [],
     }
     for gc in (0, 1):
-        cmd = [sys.executable, __file__, "--gradient-checkpointing", str(gc)]
-        cmd += ["--steps", str(args.steps), "--prompts", str(args.prompts)]
-        cmd += ["--generations", str(args.generations)]
-        cmd += ["--max-prompt-tokens", str(args.max_prompt_tokens)]
-        cmd += ["--max-new-tokens", str(args.max_new_tokens)]
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--gradient-checkpointing", str(gc)]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         line = next(x for x in out.splitlines() if x.startswith("RESULT "))

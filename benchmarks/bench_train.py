@@ -79,6 +79,31 @@ class PeakRSS:
         return round(self.peak / 2**20, 1)
 
 
+def prompt_tokens(tok: Any, sample: Any) -> int:
+    """Length of the sample's chat prompt (with the generation prompt) in tokens."""
+    from kbrouter.train.records import prompt_messages
+
+    ids = tok.apply_chat_template(prompt_messages(sample), add_generation_prompt=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def paper_rewarder() -> Any:
+    """The paper's step reward over the KB names of both sources (ours: text/table/image, with
+    the paper's names as aliases); MiniLM is loaded here, outside the timed sections."""
+    from kbrouter.train.rewards import KBNames, RewardConfig, StepRewarder
+
+    kb_names = KBNames(
+        {
+            "text": ["Text Retriever"],
+            "table": ["Table Retriever"],
+            "image": ["Text Image Retriever"],
+        }
+    )
+    rewarder = StepRewarder(RewardConfig.paper(), kb_names=kb_names)
+    _ = rewarder.encoder
+    return rewarder
+
+
 def check(model: Any, tok: Any, samples: list, rewarder: Any, max_new_tokens: int) -> dict:
     from kbrouter.train.evaluate import evaluate_steps
 
@@ -126,8 +151,7 @@ def main() -> None:
 
     from kbrouter.train.config import SFTConfig, StepGRPOConfig
     from kbrouter.train.modeling import load_causal_lm, load_tokenizer
-    from kbrouter.train.records import prompt_messages, select_kinds
-    from kbrouter.train.rewards import KBNames, RewardConfig, StepRewarder
+    from kbrouter.train.records import select_kinds
     from kbrouter.train.sft import train_sft
     from kbrouter.train.step_grpo import train_step_grpo
     from kbrouter.train.steps import read_steps, split_steps
@@ -135,9 +159,7 @@ def main() -> None:
     tok = load_tokenizer("smollm2-135m")
 
     def fits(sample: Any) -> bool:
-        ids = tok.apply_chat_template(prompt_messages(sample), add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return len(ids) <= args.max_prompt_tokens
+        return prompt_tokens(tok, sample) <= args.max_prompt_tokens
 
     groups: dict[str, tuple[list, list]] = {}
     for name, path in (("mkqa-synth", args.synth), ("released", STEPS_FILE)):
@@ -154,16 +176,7 @@ def main() -> None:
         groups["released"] = (tr, va[: args.heldout_released])
     train = [s for tr, _ in groups.values() for s in tr]
     heldout = {name: va for name, (_, va) in groups.items()}
-    # KB names of both sources: ours (text/table/image) with the paper's names as aliases
-    kb_names = KBNames(
-        {
-            "text": ["Text Retriever"],
-            "table": ["Table Retriever"],
-            "image": ["Text Image Retriever"],
-        }
-    )
-    rewarder = StepRewarder(RewardConfig.paper(), kb_names=kb_names)
-    _ = rewarder.encoder  # load MiniLM outside the timed sections
+    rewarder = paper_rewarder()
     synth_stats = load_synth_stats(args.synth)
     kept = {r.get("id") for r in synth_stats.get("rows", []) if r.get("kept")}
     results: dict[str, Any] = {
