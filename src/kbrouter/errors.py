@@ -49,3 +49,7 @@ class ModelOutputError(KBRouterError):
 
 class DatasetError(KBRouterError):
     """A dataset is missing, incomplete or malformed (message says what to download and where)."""
+
+
+class RouterError(KBRouterError):
+    """A learned router cannot be trained, saved or loaded as asked (the message says why)."""

@@ -238,3 +238,45 @@ class Trajectory(_Model):
     @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.model_calls())
+
+
+# --------------------------------------------------------------------------- routing
+
+NONE_LABEL = "none"
+"""The routing label meaning "retrieve nothing more: answer now"."""
+
+
+class RouteState(_Model):
+    """What a router knows when it decides one step: the question and what came before.
+
+    ``prev_kbs`` are the KBs of the earlier retrieval steps in order; ``sub_question`` is the
+    sub-question an LLM wrote for *this* step, when one did (hybrid routing), else None.
+    """
+
+    question: str
+    has_image: bool = False
+    step: int = Field(0, ge=0)
+    prev_kbs: list[str] = Field(default_factory=list)
+    sub_question: str | None = None
+
+
+class RouteDistribution(_Model):
+    """A router's calibrated belief over the configured KB names plus ``none`` (answer now).
+
+    ``label`` is the decision after the router's fitted abstain threshold (it may differ from
+    the arg-max); ``confidence`` is the probability of the arg-max label.
+    """
+
+    probs: dict[str, float]
+    label: str
+    confidence: float
+
+    @property
+    def is_stop(self) -> bool:
+        return self.label == NONE_LABEL
+
+    @property
+    def best_kb(self) -> str | None:
+        """The most probable KB name (``none`` excluded); None if there are no KBs."""
+        kbs = {k: p for k, p in self.probs.items() if k != NONE_LABEL}
+        return max(kbs, key=lambda k: kbs[k]) if kbs else None

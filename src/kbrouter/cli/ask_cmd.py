@@ -39,10 +39,15 @@ def ask(
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Replay cache folder (re-asking is then instant)."
     ),
+    method: str = typer.Option(
+        "r1-router", "--method", help="r1-router, learned-router, hybrid, random-kb, all-kbs, ..."
+    ),
+    router: Path | None = typer.Option(
+        None, "--router", help="Saved learned router (learned-router, hybrid)."
+    ),
 ) -> None:
     """Answer QUESTION step by step: route sub-questions to KBs, retrieve, answer."""
     from kbrouter.engine.engine import Engine, EngineConfig
-    from kbrouter.policies.r1router import R1RouterPolicy
     from kbrouter.types import Question
 
     with cli_errors():
@@ -59,7 +64,7 @@ def ask(
         engine = Engine(
             chat_model,
             registry,
-            R1RouterPolicy(min_retrieval_steps=min_steps),
+            _policy(method, router, min_steps),
             EngineConfig(
                 max_steps=max_steps,
                 top_k=top_k,
@@ -82,6 +87,18 @@ def ask(
     if traj.error:
         err_console.print(f"[bold red]error:[/] {traj.error}", highlight=False)
         raise typer.Exit(1)
+
+
+def _policy(method: str, router: Path | None, min_steps: int) -> Any:
+    from kbrouter.policies.baselines import make_policy
+
+    key = method.strip().lower()
+    options: dict[str, Any] = {}
+    if key in ("r1-router", "r1router", "learned-router", "hybrid", "random-kb"):
+        options["min_retrieval_steps"] = min_steps
+    if router is not None:
+        options["router"] = str(router)
+    return make_policy(method, **options)
 
 
 def _open_registry(config: Path, *, quiet: bool) -> Any:

@@ -42,7 +42,8 @@ def eval_command(
         ...,
         "--method",
         "-m",
-        help="direct, cot, single-kb:<kb>, all-kbs, iterretgen, ircot or r1-router.",
+        help="direct, cot, single-kb:<kb>, all-kbs, iterretgen, ircot, r1-router, "
+        "learned-router / hybrid (--option router=DIR), random-kb or oracle-kb (upper bound).",
     ),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate N questions."),
     model: str = typer.Option("llama-cpp", "--model", help="Model spec (e.g. openai:<m>@<url>)."),

@@ -55,6 +55,7 @@ __all__ = [
     "load_dataset",
     "load_jsonl",
     "load_mkqa_mini",
+    "mkqa_evidence_titles",
     "select_examples",
     "shared_data_dir",
 ]
@@ -504,6 +505,17 @@ def load_mkqa_mini(
     if kb_map is not None:
         ds.with_kb_names(kb_map)
     return ds
+
+
+def mkqa_evidence_titles(root: str | Path | None = None) -> dict[str, str]:
+    """``{corpus id: title}`` of every mkqa-mini passage, image and table (gold evidence names)."""
+    base = shared_data_dir(root) / "mkqa-mini" / "corpus"
+    out: dict[str, str] = {}
+    for name in ("text.jsonl", "images.jsonl", "tables.jsonl"):
+        for _, rec in _iter_jsonl(base / name):
+            if "id" in rec:
+                out[str(rec["id"])] = str(rec.get("title") or rec["id"])
+    return out
 
 
 def load_jsonl(

@@ -443,6 +443,14 @@ def run_eval(
     if registry is None:
         registry = _load_registry(kbs)
     ds.with_kb_names(registry.infos)
+    if policy.needs_gold:  # the oracle bounds route along the gold KBs
+        missing = [e.id for e in selected if e.gold_kbs is None]
+        if missing:
+            raise DatasetError(
+                f"method {method!r} needs gold KBs, which {len(missing)} selected question(s) of "
+                f"{dataset!r} lack (e.g. {missing[0]})"
+            )
+        policy.set_gold({e.id: e.gold_kbs for e in selected})
     if model is None and todo:
         from kbrouter.models.registry import load_model
 

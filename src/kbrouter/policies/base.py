@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from kbrouter.kb.base import KBInfo
@@ -79,6 +80,12 @@ class Policy(ABC):
     """A question-answering method expressed over a :class:`Runtime`."""
 
     name: str = "policy"
+    needs_gold: bool = False
+    """True for bounds that route along a dataset's gold KBs (the harness calls ``set_gold``)."""
+
+    def set_gold(self, gold: Mapping[str, Sequence[str] | None]) -> None:
+        """Gold KB names in hop order by question id (only policies with ``needs_gold``)."""
+        raise NotImplementedError(f"method {self.name!r} does not use gold KBs")
 
     @abstractmethod
     async def run(self, question: Question, rt: Runtime) -> Trajectory:

@@ -16,6 +16,8 @@ name               what it does (per question)
                    sentence, until a sentence says "answer is" or the retrieval budget is spent;
                    then answer from all evidence and the reasoning
 ``r1-router``      :class:`~kbrouter.policies.r1router.R1RouterPolicy` (imported lazily)
+``learned-router`` / ``hybrid``   :mod:`kbrouter.policies.learned` (need ``router=DIR``)
+``random-kb`` / ``oracle-kb``     :mod:`kbrouter.policies.bounds` (the bounds of routing)
 =================  ===========================================================================
 
 Every method speaks through the :class:`~kbrouter.policies.base.Runtime` and records its model
@@ -518,7 +520,19 @@ class IRCoTPolicy(_Baseline):
 
 # --------------------------------------------------------------------------- registry
 
-METHOD_NAMES = ("direct", "cot", "single-kb:<kb>", "all-kbs", "iterretgen", "ircot", "r1-router")
+METHOD_NAMES = (
+    "direct",
+    "cot",
+    "single-kb:<kb>",
+    "all-kbs",
+    "iterretgen",
+    "ircot",
+    "r1-router",
+    "learned-router",
+    "hybrid",
+    "random-kb",
+    "oracle-kb",
+)
 """Method names accepted by :func:`make_policy`."""
 
 _SIMPLE: dict[str, type[_Baseline]] = {
@@ -528,6 +542,19 @@ _SIMPLE: dict[str, type[_Baseline]] = {
     "iterretgen": IterRetGenPolicy,
     "ircot": IRCoTPolicy,
 }
+
+
+def _routed_policies() -> dict[str, type[Policy]]:
+    # imported lazily: the learned router pulls in scikit-learn
+    from kbrouter.policies.bounds import OracleKBPolicy, RandomKBPolicy
+    from kbrouter.policies.learned import HybridPolicy, LearnedRouterPolicy
+
+    return {
+        "learned-router": LearnedRouterPolicy,
+        "hybrid": HybridPolicy,
+        "random-kb": RandomKBPolicy,
+        "oracle-kb": OracleKBPolicy,
+    }
 
 
 def make_policy(name: str, **kw: Any) -> Policy:
@@ -545,6 +572,12 @@ def make_policy(name: str, **kw: Any) -> Policy:
             return R1RouterPolicy(**kw)
         except ValidationError as e:
             raise ConfigError(f"invalid settings for method 'r1-router': {e}") from None
+    routed = _routed_policies()
+    if key in routed:
+        try:
+            return routed[key](**kw)
+        except ValidationError as e:
+            raise ConfigError(f"invalid settings for method {key!r}: {e}") from None
     cls = _SIMPLE.get(key)
     if cls is None:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")

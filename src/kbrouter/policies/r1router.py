@@ -72,12 +72,13 @@ class R1RouterPolicy(Policy):
     """The R1-Router inference loop over a :class:`~kbrouter.policies.base.Runtime`."""
 
     name = "r1router"
+    config_cls: type[R1RouterConfig] = R1RouterConfig
 
     def __init__(self, config: R1RouterConfig | None = None, **overrides: Any) -> None:
-        base = config or R1RouterConfig()
-        self.config = base.model_copy(update=overrides) if overrides else base
-        if overrides:
-            self.config = R1RouterConfig.model_validate(self.config.model_dump())
+        base = config if config is not None else self.config_cls.model_validate(overrides)
+        if config is not None and overrides:
+            base = self.config_cls.model_validate({**config.model_dump(), **overrides})
+        self.config = base
         self._builders: dict[tuple, PromptBuilder] = {}
 
     def describe(self) -> dict[str, Any]:
