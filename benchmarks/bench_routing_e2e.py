@@ -6,6 +6,9 @@ Writes ``e2e.json`` (per method: ``f1_recall`` with its standard error, per sour
 retrievals, model calls and seconds per question, ``questions``) and ``e2e.md`` under ``--out``;
 each method's resumable results directory goes under ``--runs`` (not committed). Re-run the same
 command to resume; methods are run in the order given and the files are rewritten after each.
+Methods already in ``e2e.json`` from a run on the same subset, model, engine settings and router
+are kept (each entry records the commit it was measured at), so the table can be filled in over
+several sessions; a method named again is re-measured (resuming from its results directory).
 
     .venv/bin/python benchmarks/bench_routing_e2e.py --limit 60
 """
@@ -17,6 +20,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -99,6 +103,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "methods": {},
     }
+    result["methods"] = _previous_methods(args.out / "e2e.json", result)
+    commit = _commit()
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method, options = _parse_method(entry)
         if method in ("learned-router", "hybrid"):
@@ -135,11 +141,45 @@ def main() -> None:
             "seconds_per_question": routing.get("seconds_per_question"),
             "answered_without_retrieving": routing.get("answered_without_retrieving"),
             "upper_bound": method == "oracle-kb",
+            "commit": commit,
             "wall_seconds_this_run": round(time.perf_counter() - t, 1),
         }
         print(entry, result["methods"][entry]["f1_recall"], flush=True)
         _write(args.out, result)
     registry.close()
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _previous_methods(path: Path, result: dict) -> dict:
+    """Methods measured earlier under the same conditions; anything else is dropped, loudly."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    same = ("dataset", "subset", "model", "engine")
+    changed = [k for k in same if old.get(k) != result.get(k)]
+    if old.get("model_info", {}).get("name") != result["model_info"].get("name"):
+        changed.append("model_info.name")
+    if changed:
+        print(f"{path}: earlier results differ in {', '.join(changed)}; not kept", flush=True)
+        return {}
+    kept = dict(old.get("methods", {}))
+    if old.get("router") != result["router"]:
+        for name in [n for n in kept if n.split("@")[0] in ("learned-router", "hybrid")]:
+            print(f"{path}: router changed; dropping earlier {name}", flush=True)
+            del kept[name]
+    return kept
 
 
 def _write(out: Path, result: dict) -> None:

@@ -279,3 +279,44 @@ def test_static_kb_evidence_round_trip():
         [Evidence(kb="t", id="1", score=1.0, text="alpha beta")],
         [],
     ]
+
+
+class ImageProbe(Policy):
+    """Searches the image KB once with the question's own image, then stops."""
+
+    name = "image-probe"
+
+    async def run(self, question: Question, rt: Runtime) -> Trajectory:
+        r = await rt.retrieve("image", Query(text=question.text, image=question.image))
+        return Trajectory(
+            question=question, method=self.name, steps=[Step(index=0, retrievals=[r])]
+        )
+
+
+def test_one_bad_query_image_fails_only_its_own_question(tmp_path):
+    """A batched image search with one undecodable query image: only that question's
+    retrieval fails; the others in the same batch get their evidence."""
+    from kb_helpers import fake_loaders, tiny_config
+
+    from kbrouter.kb.registry import KBRegistry
+
+    reg = KBRegistry(tiny_config(tmp_path), **fake_loaders())
+    reg.build(["image"], progress=False)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    good = tmp_path / "data" / "img" / "blue.png"
+    kbs = CountingKBs(reg)
+    engine = Engine(
+        ScriptedChatModel([]), kbs, ImageProbe(), EngineConfig(concurrency=4, batch_window_ms=200)
+    )
+    questions = [Question(text=f"Which flag is shown? ({i})", image=good) for i in range(4)]
+    questions[2] = Question(text="Which flag is shown? (bad)", image=bad)
+    trajs = engine.answer_many_sync(questions)
+    assert max(kbs.calls["image"]) > 1  # the four queries were batched
+    for i, t in enumerate(trajs):
+        r = t.retrievals()[0]
+        if i == 2:
+            assert r.evidence == [] and "bad.png" in r.error
+        else:
+            assert r.error is None and r.evidence[0].id == "img-blue"
+    reg.close()

@@ -8,7 +8,9 @@ per-KB micro-batchers, which are bound to the running event loop); each question
 Batching: every KB has a :class:`KBBatcher`. A query waits until either as many queries are
 pending as there are questions in flight (nobody else can add one), the batch is full, or a
 short window (a few ms) has passed; then the whole batch goes to one ``kb.search`` call in a
-worker thread. While a search runs, new queries queue up and form the next batch.
+worker thread. While a search runs, new queries queue up and form the next batch. When a batched
+search raises, its queries are searched again one by one, so a bad query (an undecodable image,
+say) fails only its own question.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ class _Pending:
     future: asyncio.Future[list[Evidence]]
 
 
+def _deliver(
+    p: _Pending, *, result: list[Evidence] | None = None, error: BaseException | None = None
+) -> None:
+    if p.future.done():
+        return
+    if error is not None:
+        p.future.set_exception(error)
+    else:
+        p.future.set_result(result or [])
+
+
 class KBBatcher:
     """Merges concurrent searches of one KB into batched ``kb.search`` calls (one event loop)."""
 
@@ -130,20 +143,32 @@ class KBBatcher:
                 continue
             self.batches.append(len(batch))
             try:
-                results = await asyncio.to_thread(self.kb.search, [p.query for p in batch], self.k)
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"KB {self.kb.name!r} returned {len(results)} result lists for "
-                        f"{len(batch)} queries"
-                    )
-            except Exception as e:  # delivered to every waiting question
+                results = await asyncio.to_thread(self._search, [p.query for p in batch])
+            except Exception as e:
+                if len(batch) == 1:
+                    _deliver(batch[0], error=e)
+                    continue
+                # One bad query (say an undecodable image) must fail only its own question:
+                # search the batch again one query at a time.
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                    try:
+                        (res,) = await asyncio.to_thread(self._search, [p.query])
+                    except Exception as e1:
+                        _deliver(p, error=e1)
+                    else:
+                        _deliver(p, result=res)
                 continue
             for p, res in zip(batch, results, strict=True):
-                if not p.future.done():
-                    p.future.set_result(list(res))
+                _deliver(p, result=res)
+
+    def _search(self, queries: list[Query]) -> list[list[Evidence]]:
+        results = self.kb.search(queries, self.k)
+        if len(results) != len(queries):
+            raise RuntimeError(
+                f"KB {self.kb.name!r} returned {len(results)} result lists for "
+                f"{len(queries)} queries"
+            )
+        return [list(r) for r in results]
 
     async def aclose(self) -> None:
         if self._worker is not None:
