@@ -3,11 +3,13 @@ mkqa-mini dev subset with the embedded model, the learned router trained on the 
 outside that subset (plus the released router steps).
 
 Writes ``e2e.json`` (per method: ``f1_recall`` with its standard error, per source, KB accuracy,
-retrievals, model calls and seconds per question, ``questions``) and ``e2e.md`` under ``--out``;
+retrievals, model calls and seconds per question, ``questions``, and the error attribution:
+shares of the first failed stage, overall and per source) and ``e2e.md`` under ``--out``;
 each method's resumable results directory goes under ``--runs`` (not committed). Re-run the same
 command to resume; methods are run in the order given and the files are rewritten after each.
 Methods already in ``e2e.json`` from a run on the same subset, model, engine settings and router
-are kept (each entry records the commit it was measured at), so the table can be filled in over
+training data are kept (each entry records the commit it was measured at and, if routed, the
+router's fitted thresholds), so the table can be filled in over
 several sessions; a method named again is re-measured (resuming from its results directory).
 
     .venv/bin/python benchmarks/bench_routing_e2e.py --limit 60
@@ -58,6 +60,7 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     from kbrouter.engine.engine import EngineConfig
+    from kbrouter.eval.attribution import summarize_attribution
     from kbrouter.eval.datasets import load_dataset, select_examples
     from kbrouter.eval.harness import load_results, run_eval
     from kbrouter.kb.registry import KBRegistry
@@ -71,6 +74,7 @@ def main() -> None:
     ds = load_dataset("mkqa-mini")
     subset = select_examples(ds.examples, args.limit, seed=args.seed, stratify=True)
     ids = {e.id for e in subset}
+    gold_evidence = {e.id: e.gold_evidence for e in subset if e.gold_evidence}
     router_dir = args.runs / "router"
     if not (router_dir / "manifest.json").is_file():
         train_router(
@@ -129,6 +133,7 @@ def main() -> None:
         recs = [r for r in load_results(out_dir) if r["id"] in ids]
         scores = [r["scores"]["f1_recall"] for r in recs]
         routing = summary["routing"]
+        blame = summarize_attribution(recs, gold_evidence)
         result["methods"][entry] = {
             "f1_recall": summary["f1_recall"],
             "f1_recall_se": _se(scores),
@@ -140,13 +145,21 @@ def main() -> None:
             "model_calls_per_question": routing.get("model_calls_per_question"),
             "seconds_per_question": routing.get("seconds_per_question"),
             "answered_without_retrieving": routing.get("answered_without_retrieving"),
-            "upper_bound": method == "oracle-kb",
+            "attribution": {
+                "shares": blame.get("shares"),
+                "by_source": {k: v["shares"] for k, v in blame.get("by_source", {}).items()},
+            },
+            "upper_bound": method.startswith("oracle"),
             "commit": commit,
+            "router_thresholds": manifest["thresholds"] if method in ROUTED else None,
             "wall_seconds_this_run": round(time.perf_counter() - t, 1),
         }
         print(entry, result["methods"][entry]["f1_recall"], flush=True)
         _write(args.out, result)
     registry.close()
+
+
+ROUTED = ("learned-router", "hybrid")
 
 
 def _commit() -> str | None:
@@ -175,9 +188,11 @@ def _previous_methods(path: Path, result: dict) -> dict:
         print(f"{path}: earlier results differ in {', '.join(changed)}; not kept", flush=True)
         return {}
     kept = dict(old.get("methods", {}))
-    if old.get("router") != result["router"]:
-        for name in [n for n in kept if n.split("@")[0] in ("learned-router", "hybrid")]:
-            print(f"{path}: router changed; dropping earlier {name}", flush=True)
+    # A router retrained on the same data may differ in the last digits of its fitted
+    # thresholds (floating point across machines); each routed row records its own thresholds.
+    if old.get("router", {}).get("trained_on") != result["router"]["trained_on"]:
+        for name in [n for n in kept if n.split("@")[0] in ROUTED]:
+            print(f"{path}: router trained on other data; dropping earlier {name}", flush=True)
             del kept[name]
     return kept
 
@@ -209,6 +224,22 @@ def _write(out: Path, result: dict) -> None:
             f"{f(None if kb is None else 100 * kb)} | {f(m['retrievals_per_question'], 2)} | "
             f"{f(m['model_calls_per_question'], 2)} | {f(m['seconds_per_question'])} |"
         )
+    stages = ("correct", "routing", "retrieval", "reading", "early_stop", "budget", "format")
+    lines += [
+        "",
+        "First failed stage per question (% of questions; kbrouter.eval.attribution: correct = "
+        "F1-Recall >= 0.5; routing = a gold hop's KB never searched; retrieval = gold KB "
+        "searched, gold evidence not among the top-k shown; reading = gold evidence shown, "
+        "answer wrong; early stop / budget = stopped / out of steps before the gold hops):",
+        "",
+        "| method | " + " | ".join(s.replace("_", " ") for s in stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    for name, m in result["methods"].items():
+        sh = (m.get("attribution") or {}).get("shares")
+        if not sh:
+            continue
+        lines.append(f"| {name} | " + " | ".join(f(100 * sh.get(s, 0.0), 0) for s in stages) + " |")
     (out / "e2e.md").write_text("\n".join(lines) + "\n")
 
 

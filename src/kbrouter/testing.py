@@ -151,6 +151,14 @@ class StaticKB(KnowledgeBase):
     def __len__(self) -> int:
         return len(self.evidence)
 
+    def fetch(self, doc_ids: Sequence[str]) -> list[list[Evidence]]:
+        """The given evidence whose ``metadata["doc_id"]`` (else id) matches, in order."""
+
+        def doc(ev: Evidence) -> str:
+            return str(ev.metadata.get("doc_id", ev.id))
+
+        return [[e for e in self.evidence if doc(e) == str(d)] for d in doc_ids]
+
 
 class StaticKBRegistry:
     """A registry over given :class:`KnowledgeBase` objects (``infos``/``resolve``/``get``).

@@ -304,3 +304,18 @@ def test_concurrent_searches_match_sequential_ones(tmp_path: Path):
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda q: reg.search("text", [q], k=3)[0], queries))
     assert [[e.id for e in r] for r in got] == [[e.id for e in r] for r in want]
+
+
+def test_fetch_by_source_document_id(tmp_path: Path):
+    """KnowledgeBase.fetch returns every indexed block of a document, in order; unknown ids
+    give an empty list (the oracle-evidence bound reads gold documents this way)."""
+    reg = _registry(tmp_path)
+    reg.build(progress=False)
+    [cup, none] = reg.get("table").fetch(["tbl-cup", "tbl-nope"])
+    assert [e.id for e in cup] == ["tbl-cup#0", "tbl-cup#1", "tbl-cup#2"]  # 7 rows, 3 per block
+    assert all(e.metadata["doc_id"] == "tbl-cup" and e.table is not None for e in cup)
+    assert none == []
+    [[passage]] = reg.get("text").fetch(["p1"])
+    assert passage.id == "p1" and passage.text.startswith("Paris is the capital")
+    [[img]] = reg.get("image").fetch(["img-blue"])
+    assert img.image_path is not None and img.image_path.name == "blue.png"

@@ -1,5 +1,6 @@
-"""learned-router, hybrid, random-kb and oracle-kb on the scripted model: their exact model calls
-and retrievals. The learned router is a real one, fitted on mkqa-mini dev (tests/conftest.py)."""
+"""learned-router, hybrid, random-kb, oracle-kb and oracle-evidence on the scripted model: their
+exact model calls and retrievals. The learned router is a real one, fitted on mkqa-mini dev
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.errors import ConfigError
 from kbrouter.policies.baselines import make_policy
-from kbrouter.policies.bounds import OracleKBPolicy, RandomKBPolicy
+from kbrouter.policies.bounds import OracleEvidencePolicy, OracleKBPolicy, RandomKBPolicy
 from kbrouter.policies.learned import HybridPolicy, LearnedRouterPolicy
 from kbrouter.testing import ScriptedChatModel, StaticKB, StaticKBRegistry
 from kbrouter.types import Evidence, Modality, Question, RouteState
@@ -180,6 +181,52 @@ def test_oracle_kb_follows_the_gold_sequence_then_stops(tmp_path, kbs):
     # a question without gold KBs fails only itself, with a clear error
     traj, _ = _run(policy, [], kbs, Question(text="x?", id="unknown"))
     assert traj.stop_reason == "error" and "no gold KBs" in (traj.error or "")
+
+
+def test_oracle_evidence_shows_exactly_the_gold_documents_without_searching(tmp_path, kbs):
+    """Hop i fetches gold_evidence[i] from gold_kbs[i] by id (every block of a gold table is
+    shown, beyond top-k); no KB is searched; the prompts carry exactly that evidence."""
+    table = kbs[2]
+    table.evidence = [
+        Evidence(
+            kb="table",
+            id=f"tbl-countries#{i}",
+            score=0.0,
+            text=f"block {i}",
+            modality=Modality.TABLE,
+            metadata={"doc_id": "tbl-countries"},
+        )
+        for i in range(3)
+    ] + [_ev("table", 9, "Another table")]
+    policy = make_policy("oracle-evidence")
+    assert isinstance(policy, OracleEvidencePolicy)
+    assert policy.needs_gold and policy.needs_gold_evidence
+    policy.set_gold({"flag-1": ["image", "table"]})
+    policy.set_gold_evidence({"flag-1": ["image-1", "tbl-countries"]})
+    outputs = [
+        "<answer>Australia</answer>",
+        "<think>t</think><sub-question>What is the capital of Australia?</sub-question>"
+        "<ret>table</ret>",
+        "<answer>Canberra</answer>",
+        "<answer>Canberra</answer>",
+    ]
+    traj, model = _run(policy, outputs, kbs, _flag(tmp_path), top_k=1)
+    assert _calls(kbs) == {}  # nothing was searched
+    shown = [[e.id for e in r.evidence] for r in traj.retrievals()]
+    assert shown == [["image-1"], ["tbl-countries#0", "tbl-countries#1", "tbl-countries#2"]]
+    assert [r.query.text for r in traj.retrievals()] == [
+        FLAG_Q,
+        "What is the capital of Australia?",
+    ]
+    hop2_prompt = traj.steps[1].answer_call.messages[-1].text()
+    assert all(f"block {i}" in hop2_prompt for i in range(3))
+    assert "Another table" not in hop2_prompt
+    assert traj.answer == "Canberra" and traj.config["upper_bound"] is True
+    # an id the KB does not hold is an error record on that retrieval, not a crash
+    policy.set_gold_evidence({"flag-1": ["nope", "tbl-countries"]})
+    traj, _ = _run(policy, outputs, kbs, _flag(tmp_path))
+    first = traj.retrievals()[0]
+    assert first.evidence == [] and "no item with id 'nope'" in (first.error or "")
 
 
 def test_make_policy_knows_the_routed_methods_and_needs_a_router(tmp_path, mkqa_router):

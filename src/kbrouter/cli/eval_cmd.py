@@ -43,7 +43,8 @@ def eval_command(
         "--method",
         "-m",
         help="direct, cot, single-kb:<kb>, all-kbs, iterretgen, ircot, r1-router, "
-        "learned-router / hybrid (--option router=DIR), random-kb or oracle-kb (upper bound).",
+        "learned-router / hybrid (--option router=DIR), random-kb, oracle-kb (upper bound) "
+        "or oracle-evidence (reading ceiling).",
     ),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate N questions."),
     model: str = typer.Option("llama-cpp", "--model", help="Model spec (e.g. openai:<m>@<url>)."),

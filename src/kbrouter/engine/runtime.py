@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from kbrouter.engine.cache import FileHasher, ReplayCache, chat_key, manifest_id, search_key
@@ -323,6 +323,33 @@ class RunContext:
             self.cache.put_search(key, evidence, seconds)
         return Retrieval(kb=name, query=query, evidence=evidence, seconds=seconds)
 
+    async def lookup(self, kb: str, doc_ids: Sequence[str], query: Query) -> Retrieval:
+        try:
+            name = self.kb_source.resolve(kb)
+        except UnknownKBError as e:
+            return Retrieval(kb=kb, query=query, evidence=[], error=str(e))
+        t0 = time.perf_counter()
+        try:
+            found = await asyncio.to_thread(self.kb_source.get(name).fetch, list(doc_ids))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return Retrieval(
+                kb=name,
+                query=query,
+                evidence=[],
+                seconds=time.perf_counter() - t0,
+                error=f"{type(e).__name__}: {_error_text(e)}",
+            )
+        evidence = [ev for group in found for ev in group]
+        missing = [d for d, group in zip(doc_ids, found, strict=True) if not group]
+        error = (
+            f"no item with id {', '.join(map(repr, missing))} in KB {name!r}" if missing else None
+        )
+        return Retrieval(
+            kb=name, query=query, evidence=evidence, seconds=time.perf_counter() - t0, error=error
+        )
+
     async def aclose(self) -> None:
         for b in self._batchers.values():
             await b.aclose()
@@ -373,6 +400,9 @@ class QuestionRuntime:
 
     async def retrieve(self, kb: str, query: Query, k: int | None = None) -> Retrieval:
         return await self._ctx.retrieve(kb, query, k)
+
+    async def lookup(self, kb: str, doc_ids: Sequence[str], query: Query) -> Retrieval:
+        return await self._ctx.lookup(kb, doc_ids, query)
 
     def emit(self, event: TraceEvent) -> None:
         """Forward a progress event to the engine's ``on_event`` callback (errors are logged)."""

@@ -75,6 +75,11 @@ class EvalExample(BaseModel):
     gold_kbs: list[str] | None = Field(
         None, description="KB names needed, in hop order (configured names once mapped)."
     )
+    gold_evidence: list[str] | None = Field(
+        None,
+        description="Ids of the gold evidence documents, one per hop (mkqa-mini "
+        "``evidence``; JSONL ``gold_evidence``); used by error attribution and oracle-evidence.",
+    )
     source: str = Field(description="Benchmark or sub-source the question comes from.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Other fields of the record.")
 
@@ -491,6 +496,7 @@ def load_mkqa_mini(
                 question=Question(text=_field(rec, "question", path, ln), image=image, id=qid),
                 golds=_gold_strings(_field(rec, "answers", path, ln), paper_compat),
                 gold_kbs=gold_kbs,
+                gold_evidence=_evidence_ids(rec.get("evidence"), path, ln),
                 source=str(rec.get("source", "mkqa-mini")),
                 extra={k: rec[k] for k in ("hops", "synthetic", "evidence") if k in rec},
             )
@@ -505,6 +511,14 @@ def load_mkqa_mini(
     if kb_map is not None:
         ds.with_kb_names(kb_map)
     return ds
+
+
+def _evidence_ids(value: Any, path: Path, ln: int) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        raise DatasetError(f"{path}:{ln}: gold evidence must be a list of ids, got {value!r}")
+    return [str(v) for v in value]
 
 
 def mkqa_evidence_titles(root: str | Path | None = None) -> dict[str, str]:
@@ -529,10 +543,11 @@ def load_jsonl(
     Fields: ``question`` (str, required), ``answers`` (list) or ``answer`` (str or list)
     (required), optional ``id`` (default ``<file stem>-<line>``), ``image`` (path relative to the
     JSONL file's folder, or to ``image_dir`` if given), ``gold_kbs`` (list of KB names in hop
-    order) and ``source`` (default: the file stem). Other fields go to ``extra``.
+    order), ``gold_evidence`` (ids of the gold evidence documents, one per hop) and ``source``
+    (default: the file stem). Other fields go to ``extra``.
     """
     path = Path(path).expanduser()
-    known = {"id", "question", "answers", "answer", "image", "gold_kbs", "source"}
+    known = {"id", "question", "answers", "answer", "image", "gold_kbs", "gold_evidence", "source"}
     exs: list[EvalExample] = []
     seen: set[str] = set()
     for ln, rec in _iter_jsonl(path):
@@ -568,6 +583,7 @@ def load_jsonl(
                 question=Question(text=q, image=image, id=qid),
                 golds=golds,
                 gold_kbs=gold_kbs,
+                gold_evidence=_evidence_ids(rec.get("gold_evidence"), path, ln),
                 source=str(rec.get("source", path.stem)),
                 extra={k: v for k, v in rec.items() if k not in known},
             )

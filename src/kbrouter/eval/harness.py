@@ -5,7 +5,8 @@ A results directory is self-describing::
     <out_dir>/config.json      what ran: dataset, method, model, engine config, seed, selection,
                                kbrouter + library versions, git revision (written atomically)
     <out_dir>/results.jsonl    one JSON line per finished question: id, source, question, golds,
-                               gold KBs, prediction, scores, routing facts, full trajectory
+                               gold KBs and evidence, prediction, scores, routing facts, error
+                               attribution (kbrouter.eval.attribution), full trajectory
     <out_dir>/summary.json     scores and routing metrics over the selected questions
 
 Lines are appended and flushed as questions finish, so an interrupted run loses at most the
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.engine.runtime import KBSource
 from kbrouter.errors import ConfigError, DatasetError
+from kbrouter.eval.attribution import attribute, summarize_attribution
 from kbrouter.eval.datasets import EvalDataset, EvalExample, load_dataset, select_examples
 from kbrouter.eval.metrics import exact_match, f1_recall, token_f1, yes_no_accuracy
 from kbrouter.eval.routing import routing_record, summarize_routing
@@ -138,6 +140,15 @@ def _result_line(
         traj.answer, ex.golds, paper_compat=cfg.paper_compat, yesno=ds.answer_type == "yesno"
     )
     exclude = None if cfg.keep_messages else _MESSAGE_PATHS
+    blame = attribute(
+        traj,
+        ex.golds,
+        ex.gold_kbs,
+        ex.gold_evidence,
+        top_k=cfg.engine.top_k,
+        paper_compat=cfg.paper_compat,
+        score=scores["f1_recall"],
+    )
     return {
         "id": ex.id,
         "dataset": ds.name,
@@ -147,9 +158,11 @@ def _result_line(
         "golds": ex.golds[:_MAX_STORED_GOLDS],
         "golds_total": len(ex.golds),
         "gold_kbs": ex.gold_kbs,
+        "gold_evidence": ex.gold_evidence,
         "prediction": traj.answer,
         "scores": scores,
         "routing": routing_record(traj, ex.gold_kbs),
+        "attribution": blame.model_dump(mode="json"),
         "error": traj.error,
         "trajectory": traj.model_dump(mode="json", exclude=exclude),
     }
@@ -323,6 +336,7 @@ def summarize_results(
     }
     out["errors"] = sum(1 for r in recs if r.get("error"))
     out["routing"] = summarize_routing([r["routing"] for r in recs])
+    out["attribution"] = summarize_attribution(recs)
     return out
 
 
@@ -451,6 +465,15 @@ def run_eval(
                 f"{dataset!r} lack (e.g. {missing[0]})"
             )
         policy.set_gold({e.id: e.gold_kbs for e in selected})
+    if policy.needs_gold_evidence:
+        missing = [e.id for e in selected if not e.gold_evidence]
+        if missing:
+            raise DatasetError(
+                f"method {method!r} needs gold evidence ids, which {len(missing)} selected "
+                f"question(s) of {dataset!r} lack (e.g. {missing[0]}); JSONL datasets give "
+                "them as gold_evidence"
+            )
+        policy.set_gold_evidence({e.id: e.gold_evidence for e in selected})
     if model is None and todo:
         from kbrouter.models.registry import load_model
 

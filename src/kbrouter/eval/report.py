@@ -5,8 +5,10 @@ Table 1 layout: methods as rows, datasets as columns (the paper's order first), 
 average over the datasets a row has. Further tables: per-source F1-Recall for datasets with
 several sources (mkqa-mini), and routing/cost per method and dataset (retrieval calls per
 question, total and per KB; steps; KB-choice accuracy where gold KBs are known; tokens and
-seconds per question). Plots: F1-Recall per dataset per method; retrieval calls per question
-per KB.
+seconds per question), and error attribution: the share of questions whose first failed stage
+is routing, early stop, budget, retrieval, reading or format (per method and dataset, and per
+source). Plots: F1-Recall per dataset per method; retrieval calls per question per KB; stage
+shares per method.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kbrouter.errors import DatasetError
+from kbrouter.eval.attribution import STAGES
 from kbrouter.eval.harness import CONFIG_FILE, RESULTS_FILE, load_results, summarize_results
 
 log = logging.getLogger(__name__)
@@ -286,6 +289,7 @@ def render_markdown(rep: Report) -> str:
         out += [f"### {d}", ""]
         out += _md_table(header, body)
         out.append("")
+    out += _attribution_section(rep)
     out += [
         "KB acc: share of gold hops whose retrieval step searched exactly the gold KB (strict) "
         "or searched it among others (lenient); – where the dataset has no gold KBs. "
@@ -307,6 +311,89 @@ def render_markdown(rep: Report) -> str:
         )
     out.append("")
     return "\n".join(out)
+
+
+def _stages_present(runs: Sequence[RunResult]) -> list[str]:
+    seen = {k for r in runs for k in r.summary.get("attribution", {}).get("shares", {})}
+    return [s for s in STAGES if s in seen]
+
+
+def _attribution_section(rep: Report) -> list[str]:
+    """Per dataset: stage shares (%) per method, then per source; notes what cannot be told."""
+    out: list[str] = []
+    for d in rep.datasets:
+        runs = [r for r in rep.runs if r.summary.get("attribution", {}).get("questions")]
+        runs = [r for r in runs if r.dataset == d]
+        stages = _stages_present(runs)
+        if not runs or not stages:
+            continue
+        if not out:
+            out += [
+                "## Where answers go wrong (error attribution)",
+                "",
+                "Share of questions (%) by the first stage that failed "
+                "(kbrouter.eval.attribution): correct (F1-Recall >= 0.5), routing (a gold hop's "
+                "KB never searched), retrieval (gold KB searched, gold evidence not among the "
+                "evidence shown), reading (gold evidence shown, answer wrong), early stop / "
+                "budget (stopped / out of steps before the gold hops were covered), format (no "
+                "usable answer).",
+                "",
+            ]
+        body = []
+        for r in runs:
+            a = r.summary["attribution"]
+            body.append(
+                [_row_label(r, rep.runs), str(a["questions"])]
+                + [_fmt(100 * a["shares"].get(s, 0.0), 1) for s in stages]
+            )
+        out += [f"### {d}", ""]
+        out += _md_table(["Method", "n", *(s.replace("_", " ") for s in stages)], body)
+        out.append("")
+        cannot = sorted({c for r in runs for c in r.summary["attribution"]["not_attributable"]})
+        if cannot:
+            out += ["Cannot be attributed for some questions: " + "; ".join(cannot) + ".", ""]
+        sources = sorted({s for r in runs for s in r.summary["attribution"].get("by_source", {})})
+        if len(sources) <= 1:
+            continue
+        out += [f"#### {d}: first failed stage per source (% of the source's questions)", ""]
+        body = []
+        for r in runs:
+            bs = r.summary["attribution"]["by_source"]
+            for src in sources:
+                if src not in bs:
+                    continue
+                sh = bs[src]["shares"]
+                body.append(
+                    [_row_label(r, rep.runs), src, str(bs[src]["questions"])]
+                    + [_fmt(100 * sh.get(s, 0.0), 0) for s in stages]
+                )
+        out += _md_table(["Method", "source", "n", *(s.replace("_", " ") for s in stages)], body)
+        out.append("")
+    return out
+
+
+def _plot_attribution(rep: Report, out_dir: Path, plt: Any) -> Path | None:
+    runs = [r for r in rep.runs if r.summary.get("attribution", {}).get("questions")]
+    stages = _stages_present(runs)
+    if not runs or not stages:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(runs) + 3), 4.4))
+    labels = [f"{_row_label(r, rep.runs)} / {r.dataset}" for r in runs]
+    bottom = [0.0] * len(runs)
+    for s in stages:
+        vals = [100 * r.summary["attribution"]["shares"].get(s, 0.0) for r in runs]
+        ax.bar(range(len(runs)), vals, bottom=bottom, label=s.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("% of questions")
+    ax.set_ylim(0, 100)
+    ax.set_title("First failed stage per method")
+    ax.legend(fontsize=8, title="stage", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    p = out_dir / "attribution.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
 
 
 def _plot(rep: Report, out_dir: Path) -> list[Path]:
@@ -358,6 +445,9 @@ def _plot(rep: Report, out_dir: Path) -> list[Path]:
     fig.savefig(p, dpi=120)
     plt.close(fig)
     files.append(p)
+    att = _plot_attribution(rep, out_dir, plt)
+    if att is not None:
+        files.append(att)
     return files
 
 

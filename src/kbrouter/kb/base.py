@@ -43,5 +43,13 @@ class KnowledgeBase(ABC):
     def search(self, queries: Sequence[Query], k: int | None = None) -> list[list[Evidence]]:
         """Return the top-``k`` evidence for each query (``k`` defaults to the KB's config)."""
 
+    def fetch(self, doc_ids: Sequence[str]) -> list[list[Evidence]]:
+        """The indexed items of each source document (passage, image or table id, as in the
+        source file), in index order, with score 1.0; an unknown id gives an empty list.
+
+        Used to show a model exactly the gold evidence (the ``oracle-evidence`` bound).
+        """
+        raise NotImplementedError(f"KB {self.name!r} ({type(self).__name__}) cannot fetch by id")
+
     def __len__(self) -> int:  # number of indexed items (chunks)
         raise NotImplementedError

@@ -158,6 +158,9 @@ class IndexedKB(KnowledgeBase):
         self.image_encoder = image_encoder
         self.image_store = image_store
         self._by_id = {it.id: i for i, it in enumerate(items)}
+        self._by_doc: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            self._by_doc.setdefault(str(it.metadata.get("doc_id", it.id)), []).append(i)
 
     # ------------------------------------------------------------------ per-modality hooks
 
@@ -436,6 +439,15 @@ class IndexedKB(KnowledgeBase):
     def get_item(self, item_id: str) -> Item:
         """The indexed item with this id (KeyError if absent)."""
         return self.items[self._by_id[item_id]]
+
+    def fetch(self, doc_ids: Sequence[str]) -> list[list[Evidence]]:
+        return [
+            [
+                self.to_evidence(self.items[i], 1.0, {"fetched": True})
+                for i in self._by_doc.get(str(d), [])
+            ]
+            for d in doc_ids
+        ]
 
     def search(
         self,

@@ -75,6 +75,11 @@ class Runtime(Protocol):
         failures: ``error`` is set and ``evidence`` empty."""
         ...
 
+    async def lookup(self, kb: str, doc_ids: Sequence[str], query: Query) -> Retrieval:
+        """Fetch given source documents of one KB by id, recorded as a retrieval for ``query``
+        (the gold-evidence bound). Never raises: unknown ids or KBs set ``error``."""
+        ...
+
 
 class Policy(ABC):
     """A question-answering method expressed over a :class:`Runtime`."""
@@ -83,9 +88,17 @@ class Policy(ABC):
     needs_gold: bool = False
     """True for bounds that route along a dataset's gold KBs (the harness calls ``set_gold``)."""
 
+    needs_gold_evidence: bool = False
+    """True for bounds that show a dataset's gold evidence (the harness calls
+    ``set_gold_evidence``)."""
+
     def set_gold(self, gold: Mapping[str, Sequence[str] | None]) -> None:
         """Gold KB names in hop order by question id (only policies with ``needs_gold``)."""
         raise NotImplementedError(f"method {self.name!r} does not use gold KBs")
+
+    def set_gold_evidence(self, gold: Mapping[str, Sequence[str] | None]) -> None:
+        """Gold evidence ids in hop order by question id (policies with ``needs_gold_evidence``)."""
+        raise NotImplementedError(f"method {self.name!r} does not use gold evidence")
 
     @abstractmethod
     async def run(self, question: Question, rt: Runtime) -> Trajectory:

@@ -532,6 +532,7 @@ METHOD_NAMES = (
     "hybrid",
     "random-kb",
     "oracle-kb",
+    "oracle-evidence",
 )
 """Method names accepted by :func:`make_policy`."""
 
@@ -546,7 +547,7 @@ _SIMPLE: dict[str, type[_Baseline]] = {
 
 def _routed_policies() -> dict[str, type[Policy]]:
     # imported lazily: the learned router pulls in scikit-learn
-    from kbrouter.policies.bounds import OracleKBPolicy, RandomKBPolicy
+    from kbrouter.policies.bounds import OracleEvidencePolicy, OracleKBPolicy, RandomKBPolicy
     from kbrouter.policies.learned import HybridPolicy, LearnedRouterPolicy
 
     return {
@@ -554,6 +555,7 @@ def _routed_policies() -> dict[str, type[Policy]]:
         "hybrid": HybridPolicy,
         "random-kb": RandomKBPolicy,
         "oracle-kb": OracleKBPolicy,
+        "oracle-evidence": OracleEvidencePolicy,
     }
 
 

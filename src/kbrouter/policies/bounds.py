@@ -10,6 +10,12 @@
     ``i`` retrieves from ``gold_kbs[i]``, then the loop stops; the first hop asks the question
     itself, later hops' sub-questions are written by the LLM as in ``learned-router``. It needs
     gold KBs, which the evaluation harness gives it (:meth:`OracleKBPolicy.set_gold`).
+``oracle-evidence``
+    ``oracle-kb`` that, instead of searching, shows the model exactly the gold evidence of
+    each hop (the whole gold document: every indexed block of it, fetched by id): the
+    **reading ceiling** of a model, apart from retrieval and routing. It needs gold evidence
+    ids too (:meth:`OracleEvidencePolicy.set_gold_evidence`; mkqa-mini ``evidence``, JSONL
+    ``gold_evidence``).
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from kbrouter.policies.base import Runtime
 from kbrouter.policies.learned import write_sub_question
 from kbrouter.policies.prompts import Hop, PromptBuilder
 from kbrouter.policies.r1router import R1RouterConfig, R1RouterPolicy
-from kbrouter.types import Question, RouteAction, Step
+from kbrouter.types import Evidence, Query, Question, Retrieval, RouteAction, Step
 
-__all__ = ["OracleKBPolicy", "RandomKBConfig", "RandomKBPolicy"]
+__all__ = ["OracleEvidencePolicy", "OracleKBPolicy", "RandomKBConfig", "RandomKBPolicy"]
 
 
 class RandomKBConfig(R1RouterConfig):
@@ -107,3 +113,39 @@ class OracleKBPolicy(R1RouterPolicy):
         self._note(rt, question, step, f"route by oracle: {kb} (gold hop {i + 1} of {len(gold)})")
         sub_question = await write_sub_question(self, question, history, kb, rt, prompts, step)
         return RouteAction(think=f"oracle: {kb}", sub_question=sub_question, kbs=[kb])
+
+
+class OracleEvidencePolicy(OracleKBPolicy):
+    """Routes along the gold KBs and shows exactly each hop's gold evidence (reading ceiling)."""
+
+    name = "oracle-evidence"
+    needs_gold_evidence = True
+
+    def __init__(self, config: R1RouterConfig | None = None, **overrides: Any) -> None:
+        evidence = overrides.pop("gold_evidence", None)
+        super().__init__(config, **overrides)
+        self._evidence: dict[str, list[str]] = {}
+        if evidence is not None:
+            self.set_gold_evidence(evidence)
+
+    def set_gold_evidence(self, gold: Mapping[str, Sequence[str] | None]) -> None:
+        """Gold evidence document ids in hop order, by question id."""
+        self._evidence = {str(k): [str(x) for x in v] for k, v in gold.items() if v is not None}
+
+    async def _retrieve(
+        self, question: Question, action: RouteAction, rt: Runtime, hop: int
+    ) -> list[Retrieval]:
+        ids = self._evidence.get(question.id or "")
+        if ids is None:
+            raise ConfigError(
+                f"oracle-evidence has no gold evidence for question {question.id!r}: it runs "
+                "only in `kbrouter eval` on a dataset with gold evidence ids (mkqa-mini, JSONL "
+                "with gold_evidence)"
+            )
+        query = Query(text=action.sub_question or question.text)
+        if hop >= len(ids):  # more gold KBs than evidence ids: nothing to show
+            return [Retrieval(kb=action.kbs[0], query=query, evidence=[], error="no gold id")]
+        return [await rt.lookup(action.kbs[0], [ids[hop]], query)]
+
+    def _shown(self, retrieval: Retrieval, rt: Runtime) -> list[Evidence]:
+        return list(retrieval.evidence)  # every block of the gold document

@@ -123,13 +123,13 @@ class R1RouterPolicy(Policy):
                 break
             assert action.sub_question is not None
 
-            step.retrievals = await self._retrieve(question, action, rt)
+            step.retrievals = await self._retrieve(question, action, rt, len(history))
             self._emit(rt, "retrieve", question, step=step)
             evidence: list[Evidence] = []
             for r in step.retrievals:
                 if r.error:
                     self._note(rt, question, step, f"retrieval from {r.kb!r} failed: {r.error}")
-                evidence.extend(r.evidence[: rt.top_k])
+                evidence.extend(self._shown(r, rt))
             if not evidence:
                 self._note(rt, question, step, "no evidence retrieved; answering without it")
 
@@ -219,8 +219,9 @@ class R1RouterPolicy(Policy):
         return None
 
     async def _retrieve(
-        self, question: Question, action: RouteAction, rt: Runtime
+        self, question: Question, action: RouteAction, rt: Runtime, hop: int
     ) -> list[Retrieval]:
+        """Search the KBs the action names (``hop``: the 0-based index of this retrieval)."""
         assert action.sub_question is not None
         modality = {kb.name: kb.modality for kb in rt.kbs}
 
@@ -229,6 +230,10 @@ class R1RouterPolicy(Policy):
             return Query(text=action.sub_question or "", image=image)
 
         return list(await asyncio.gather(*(rt.retrieve(kb, query_for(kb)) for kb in action.kbs)))
+
+    def _shown(self, retrieval: Retrieval, rt: Runtime) -> list[Evidence]:
+        """The evidence of one retrieval that the sub-answer prompt shows: the top-k."""
+        return retrieval.evidence[: rt.top_k]
 
     def _route_params(
         self, rt: Runtime, prompts: PromptBuilder, *, allow_stop: bool = True
