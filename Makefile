@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := local,llm,milvus,openai,serve,train,eval,dev
+EXTRAS := local,llm,milvus,openai,serve,train,eval,reading,dev
 DEMO_QUESTION ?= In which city is the national capital of the country whose flag is shown?
 DEMO_IMAGE ?= demo/questions/flag.jpg
 

@@ -88,6 +88,13 @@ class Evidence(_Model):
     table: Table | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def doc_id(self) -> str:
+        """The source document (passage, image or table id) this item comes from: a chunk or
+        row block counts as its document (``metadata["doc_id"]``, else the id up to ``#``)."""
+        doc = self.metadata.get("doc_id")
+        return str(doc) if doc else self.id.split("#", 1)[0]
+
 
 # --------------------------------------------------------------------------- model I/O
 
@@ -168,7 +175,7 @@ class RouteAction(_Model):
 class ModelCall(_Model):
     """One model call as recorded in a trajectory."""
 
-    purpose: Literal["route", "sub_answer", "final", "generate"]
+    purpose: Literal["route", "sub_answer", "final", "generate", "read"]
     messages: list[ChatMessage]
     output: str
     prompt_tokens: int = 0
@@ -196,6 +203,8 @@ class Step(_Model):
     route_calls: list[ModelCall] = Field(default_factory=list)
     action: RouteAction | None = None
     retrievals: list[Retrieval] = Field(default_factory=list)
+    read_calls: list[ModelCall] = Field(default_factory=list)
+    """Calls of an evidence reader (the SQL table reader's query), before the sub-answer."""
     answer_call: ModelCall | None = None
     sub_answer: str | None = None
     notes: list[str] = Field(default_factory=list)
@@ -222,6 +231,7 @@ class Trajectory(_Model):
         calls: list[ModelCall] = []
         for s in self.steps:
             calls.extend(s.route_calls)
+            calls.extend(s.read_calls)
             if s.answer_call is not None:
                 calls.append(s.answer_call)
         if self.final_call is not None:

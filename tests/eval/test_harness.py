@@ -269,3 +269,10 @@ def _plain_dataset(tmp_path: Path) -> str:
     rows = [{"id": i, "question": q, "answers": [a], "gold_kbs": k} for i, q, a, k, _ in QUESTIONS]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return f"jsonl:{path}"
+
+
+def test_sources_filter_selects_before_the_limit(dataset, tmp_path):
+    summary, _ = _run(dataset, tmp_path / "stats", sources=["stats"])
+    assert summary["questions"] == 1 and list(summary["by_source"]) == ["stats"]
+    with pytest.raises(DatasetError, match="no source 'nope'; its sources: geo, stats"):
+        _run(dataset, tmp_path / "x", sources=["nope"])

@@ -58,6 +58,9 @@ def eval_command(
     stratify: bool = typer.Option(
         False, "--stratify", help="With --limit: a seeded sample stratified by source."
     ),
+    source: list[str] = typer.Option(
+        [], "--source", help="Only questions of this source (repeatable), e.g. wtq."
+    ),
     paper_compat: bool = typer.Option(
         False, "--paper-compat", help="Golds and metric exactly as the released R1-Router code."
     ),
@@ -107,6 +110,7 @@ def eval_command(
                 paper_compat=paper_compat,
                 image_dir=image_dir,
                 data_dir=data_dir,
+                sources=source or None,
                 method_options=_parse_options(option),
                 keep_messages=not no_messages,
             )

@@ -95,11 +95,11 @@ class Attribution(BaseModel):
 
 
 def evidence_doc_id(ev: Evidence | dict[str, Any]) -> str:
-    """The source document an evidence item comes from (passage, image or table id)."""
+    """The source document an evidence item comes from (:attr:`Evidence.doc_id`), also for an
+    item stored as JSON."""
     if isinstance(ev, Evidence):
-        meta, eid = ev.metadata, ev.id
-    else:
-        meta, eid = ev.get("metadata") or {}, str(ev.get("id", ""))
+        return ev.doc_id
+    meta, eid = ev.get("metadata") or {}, str(ev.get("id", ""))
     doc = meta.get("doc_id") if isinstance(meta, dict) else None
     return str(doc) if doc else eid.split("#", 1)[0]
 

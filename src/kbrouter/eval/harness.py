@@ -86,6 +86,9 @@ class EvalRunConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="Questions evaluated (None: all).")
     seed: int = Field(0, description="Seed of sampling and of the stratified selection.")
     stratify: bool = Field(False, description="Seeded selection stratified by source.")
+    sources: list[str] | None = Field(
+        None, description="Only questions of these sources (e.g. mkqa-mini's wtq)."
+    )
     paper_compat: bool = Field(False, description="Released-code golds and metric quirks.")
     split: str = Field("dev", description="Dataset split (mkqa-mini).")
     image_dir: str | None = Field(None, description="Folder of the question images.")
@@ -106,6 +109,7 @@ class EvalRunConfig(BaseModel):
             "seed": self.seed,
             "paper_compat": self.paper_compat,
             "split": self.split,
+            "sources": self.sources,
             "method_options": self.method_options,
             "engine": engine,
         }
@@ -383,6 +387,7 @@ def run_eval(
     image_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     split: str = "dev",
+    sources: Sequence[str] | None = None,
     method_options: dict[str, Any] | None = None,
     keep_messages: bool = True,
     model: ChatModel | None = None,
@@ -407,6 +412,7 @@ def run_eval(
         kbs: the ``kbs.toml`` of the knowledge bases (ignored when ``registry`` is given).
         paper_compat: golds and metric exactly as the released evaluation code.
         image_dir / data_dir / split: where the question images / shared data are; the split.
+        sources: evaluate only the questions of these sources (before ``limit`` applies).
         method_options: settings passed to the policy (e.g. ``{"iterations": 3}``).
         keep_messages: store every call's prompt messages in ``results.jsonl``.
         model / registry: already built backend / KB registry (tests, benchmarks).
@@ -431,6 +437,7 @@ def run_eval(
         stratify=stratify,
         paper_compat=paper_compat,
         split=split,
+        sources=sorted(set(sources)) if sources else None,
         image_dir=str(image_dir) if image_dir is not None else None,
         data_dir=str(data_dir) if data_dir is not None else None,
         method_options=dict(method_options or {}),
@@ -441,7 +448,16 @@ def run_eval(
     ds = load_dataset(
         dataset, data_dir=data_dir, image_dir=image_dir, paper_compat=paper_compat, split=split
     )
-    selected = select_examples(ds.examples, limit, seed=seed, stratify=stratify)
+    pool = ds.examples
+    if cfg.sources:
+        known = sorted({e.source for e in ds.examples})
+        unknown = [x for x in cfg.sources if x not in known]
+        if unknown:
+            raise DatasetError(
+                f"dataset {dataset!r} has no source {unknown[0]!r}; its sources: {', '.join(known)}"
+            )
+        pool = [e for e in ds.examples if e.source in cfg.sources]
+    selected = select_examples(pool, limit, seed=seed, stratify=stratify)
     if not selected:
         raise DatasetError(f"no questions selected from dataset {dataset!r}")
     if len({e.id for e in selected}) != len(selected):

@@ -30,7 +30,7 @@ from kbrouter.types import (
 if TYPE_CHECKING:  # the engine imports this module; import its event type lazily
     from kbrouter.engine.events import EventKind
 
-Purpose = Literal["route", "sub_answer", "final", "generate"]
+Purpose = Literal["route", "sub_answer", "final", "generate", "read"]
 
 
 class Runtime(Protocol):

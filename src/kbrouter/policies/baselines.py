@@ -44,6 +44,8 @@ from kbrouter.errors import ConfigError
 from kbrouter.policies.base import Policy, Runtime
 from kbrouter.policies.parser import parse_answer, strip_tags
 from kbrouter.policies.prompts import image_note, question_content, render_evidence
+from kbrouter.policies.readers import TableReader, read_tables
+from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
     ChatMessage,
     Evidence,
@@ -178,6 +180,14 @@ class BaselineConfig(_Cfg):
 
     answer_max_tokens: int = Field(192, gt=0, description="Token cap of an answer reply.")
     few_shot: bool = Field(True, description="One worked example before the question.")
+    table_reader: TableReader = Field(
+        "rows",
+        description="How retrieved tables are read: 'rows' or 'sql' (one model-written SQL "
+        "query over the whole tables; see kbrouter.policies.readers).",
+    )
+    sql_reader: SQLReaderConfig = Field(
+        default_factory=SQLReaderConfig, description="Settings of the SQL table reader."
+    )
 
 
 class IterRetGenConfig(BaselineConfig):
@@ -283,6 +293,10 @@ class _Baseline(Policy):
             evidence.extend(r.evidence[: rt.top_k])
         if not evidence:
             self._note(rt, question, step, "no evidence retrieved; answering without it")
+        if self.config.table_reader == "sql":
+            evidence = await read_tables(
+                self, question, question.text, evidence, rt, step, self.config.sql_reader
+            )
         return evidence
 
     async def _finish(

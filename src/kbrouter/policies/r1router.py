@@ -23,6 +23,8 @@ from kbrouter.errors import ModelOutputError
 from kbrouter.policies.base import Policy, Runtime
 from kbrouter.policies.parser import parse_answer, parse_route
 from kbrouter.policies.prompts import Hop, PromptBuilder
+from kbrouter.policies.readers import TableReader, read_tables
+from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
     Evidence,
     Modality,
@@ -63,6 +65,15 @@ class R1RouterConfig(BaseModel):
         description="Steps that must retrieve before the router may stop (0 = the paper: it "
         "may answer at once). An early None/None is re-asked with a corrective message; with a "
         "grammar the stop branch is excluded. Helps small models that stop before retrieving.",
+    )
+    table_reader: TableReader = Field(
+        "rows",
+        description="How retrieved tables are read: 'rows' (shown as rows) or 'sql' (the model "
+        "writes one SQL query, DuckDB runs it over the whole tables, the result is shown; "
+        "falls back to the rows). See kbrouter.policies.readers.",
+    )
+    sql_reader: SQLReaderConfig = Field(
+        default_factory=SQLReaderConfig, description="Settings of the SQL table reader."
     )
     route_max_tokens: int = Field(256, gt=0, description="Token cap of a router reply.")
     answer_max_tokens: int = Field(192, gt=0, description="Token cap of a (sub-)answer reply.")
@@ -132,6 +143,10 @@ class R1RouterPolicy(Policy):
                 evidence.extend(self._shown(r, rt))
             if not evidence:
                 self._note(rt, question, step, "no evidence retrieved; answering without it")
+            if self.config.table_reader == "sql":
+                evidence = await read_tables(
+                    self, question, action.sub_question, evidence, rt, step, self.config.sql_reader
+                )
 
             messages = prompts.sub_answer_messages(question, action.sub_question, evidence)
             call = await rt.chat("sub_answer", messages, self._answer_params())

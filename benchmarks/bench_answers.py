@@ -1,0 +1,193 @@
+"""From evidence to answers: reading-path configurations on mkqa-mini dev with the embedded
+model, each with its error attribution (which stage failed first, per question).
+
+A configuration is ``name=method@setting=value;setting=value`` evaluated on a fixed, seeded
+selection of one or more mkqa-mini sources. The default compares the table reader on the
+table questions (wtq) with the table KB only: rows (today's reading) vs the SQL reader.
+
+Writes ``summary.json`` (per configuration ``f1_recall`` with its standard error,
+``reading_failure_share``, ``early_stop_share``, attribution shares, ``questions``) and
+``summary.md`` under ``--out``; each configuration's resumable results go under ``--runs`` (not
+committed). Configurations already in ``summary.json`` from the same selection, model and
+engine settings are kept. Re-run the same command to resume.
+
+    .venv/bin/python benchmarks/bench_answers.py --sources wtq --limit 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_CONFIGS = (
+    "table-rows=single-kb:table@table_reader=rows,table-sql=single-kb:table@table_reader=sql"
+)
+
+
+def _se(values: list[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    m = sum(values) / n
+    return 100 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated name=method@...")
+    ap.add_argument("--sources", default="wtq", help="comma-separated mkqa-mini sources")
+    ap.add_argument("--limit", type=int, default=None, help="questions (seeded, stratified)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="llama-cpp")
+    ap.add_argument("--kbs", type=Path, default=HERE / "mkqa_kbs.toml")
+    ap.add_argument("--runs", type=Path, default=REPO / "runs" / "bench-answers")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "answers")
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=3)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from kbrouter.engine.engine import EngineConfig
+    from kbrouter.eval.harness import load_results, run_eval
+    from kbrouter.kb.registry import KBRegistry
+    from kbrouter.models.registry import load_model
+    from run_mkqa_eval import _parse_method
+
+    sources = sorted(s.strip() for s in args.sources.split(",") if s.strip())
+    registry = KBRegistry.from_config(args.kbs)
+    registry.build(progress=False)
+    model = load_model(args.model)
+    engine = EngineConfig(max_steps=args.max_steps, top_k=args.top_k, concurrency=2)
+    result = {
+        "dataset": "mkqa-mini dev",
+        "selection": {
+            "sources": sources,
+            "limit": args.limit,
+            "seed": args.seed,
+            "stratified_by_source": True,
+        },
+        "model": args.model,
+        "model_info": model.describe(),
+        "engine": engine.model_dump(mode="json"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "configurations": {},
+    }
+    path = args.out / "summary.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        same = all(old.get(k) == result[k] for k in ("dataset", "selection", "model", "engine"))
+        if same:
+            result["configurations"] = old.get("configurations", {})
+        else:
+            print(f"{path}: earlier results are for another selection or setup; not kept")
+    commit = _commit()
+    for item in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        name, _, entry = item.partition("=")
+        if not entry:
+            raise SystemExit(f"configuration {item!r} is not name=method@settings")
+        method, options = _parse_method(entry)
+        out_dir = args.runs / name
+        t = time.perf_counter()
+        summary = run_eval(
+            "mkqa-mini",
+            method,
+            engine,
+            args.model,
+            out_dir,
+            args.limit,
+            args.seed,
+            True,
+            kbs=args.kbs,
+            model=model,
+            registry=registry,
+            sources=sources,
+            keep_messages=False,
+            method_options=options,
+        )
+        recs = load_results(out_dir)
+        scores = [r["scores"]["f1_recall"] for r in recs]
+        att = summary["attribution"]
+        shares = att.get("shares", {})
+        routing = summary["routing"]
+        result["configurations"][name] = {
+            "method": method,
+            "settings": options,
+            "f1_recall": summary["f1_recall"],
+            "f1_recall_se": _se(scores),
+            "questions": summary["questions"],
+            "reading_failure_share": shares.get("reading", 0.0),
+            "early_stop_share": shares.get("early_stop", 0.0),
+            "attribution": shares,
+            "model_calls_per_question": routing.get("model_calls_per_question"),
+            "seconds_per_question": routing.get("seconds_per_question"),
+            "commit": commit,
+            "wall_seconds_this_run": round(time.perf_counter() - t, 1),
+        }
+        print(name, summary["f1_recall"], flush=True)
+        _write(args.out, result)
+    registry.close()
+
+
+def _write(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "summary.json")
+
+    def f(x, d=1):
+        return "–" if x is None else f"{x:.{d}f}"
+
+    sel = result["selection"]
+    stages = ("correct", "routing", "retrieval", "reading", "early_stop", "budget", "format")
+    lines = [
+        "# From evidence to answers (embedded model)",
+        "",
+        f"mkqa-mini dev, sources {', '.join(sel['sources'])}, "
+        f"{'all' if sel['limit'] is None else sel['limit']} questions (seed {sel['seed']}, "
+        f"stratified by source); model {result['model']}; top-{result['engine']['top_k']} "
+        f"evidence per KB; greedy decoding. Attribution columns: % of questions by the first "
+        "failed stage (kbrouter.eval.attribution).",
+        "",
+        "| configuration | method | settings | F1-Recall ± SE | n | model calls/q | s/q | "
+        + " | ".join(s.replace("_", " ") for s in stages)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(stages),
+    ]
+    for name, c in result["configurations"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(c["settings"].items())) or "–"
+        lines.append(
+            f"| {name} | {c['method']} | {settings} | {f(c['f1_recall'])} ± "
+            f"{f(c['f1_recall_se'])} | {c['questions']} | {f(c['model_calls_per_question'], 2)} "
+            f"| {f(c['seconds_per_question'])} | "
+            + " | ".join(f(100 * c["attribution"].get(s, 0.0), 0) for s in stages)
+            + " |"
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

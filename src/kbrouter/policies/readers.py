@@ -1,0 +1,101 @@
+"""Evidence readers a policy can put between retrieval and the sub-answer (a setting of the
+policy, recorded with its results).
+
+``table_reader = "rows"`` (default)
+    Tables are shown to the model as rows (the first rows of each retrieved block).
+``table_reader = "sql"``
+    When a step retrieved tables, the model writes one SQL query over the whole tables (every
+    block of each retrieved table, fetched by id) and DuckDB runs it in a sandbox
+    (:mod:`kbrouter.reading.sql`); the result replaces the table rows in the evidence shown. A
+    failed, refused, timed-out or empty query falls back to the rows. The query call is in
+    ``step.read_calls`` and the step's notes say what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Literal
+
+from kbrouter.errors import KBRouterError
+from kbrouter.reading.sql import SQLError, SQLReaderConfig, extract_sql, run_sql, sql_messages
+from kbrouter.types import Evidence, Modality, Query, Question, SamplingParams, Step, Table
+
+if TYPE_CHECKING:
+    from kbrouter.policies.base import Policy, Runtime
+
+__all__ = ["TableReader", "read_tables"]
+
+TableReader = Literal["rows", "sql"]
+
+
+async def _whole_table(ev: Evidence, text: str, rt: Runtime) -> Table:
+    """Every row of the table ``ev`` is a block of (fetched by id; the block itself if the KB
+    cannot fetch)."""
+    assert ev.table is not None
+    lookup = getattr(rt, "lookup", None)
+    if lookup is not None:
+        got = await lookup(ev.kb, [ev.doc_id], Query(text=text))
+        blocks = [e.table for e in got.evidence if e.table is not None]
+        if not got.error and blocks:
+            return Table(
+                header=blocks[0].header,
+                rows=[r for b in blocks for r in b.rows],
+                title=blocks[0].title or ev.title,
+            )
+    return Table(header=ev.table.header, rows=ev.table.rows, title=ev.table.title or ev.title)
+
+
+async def read_tables(
+    policy: Policy,
+    question: Question,
+    text: str,
+    evidence: list[Evidence],
+    rt: Runtime,
+    step: Step,
+    config: SQLReaderConfig,
+) -> list[Evidence]:
+    """The evidence to show for ``text`` with the SQL table reader (see the module docstring)."""
+    tables: list[Evidence] = []
+    for ev in evidence:
+        known = {t.doc_id for t in tables}
+        if ev.modality == Modality.TABLE and ev.table is not None and ev.doc_id not in known:
+            tables.append(ev)
+    tables = tables[: config.max_tables]
+    if not tables:
+        return evidence
+    whole = [await _whole_table(ev, text, rt) for ev in tables]
+    call = await rt.chat(
+        "read", sql_messages(text, whole, config), SamplingParams(max_tokens=config.max_tokens)
+    )
+    step.read_calls.append(call)
+    docs = [t.doc_id for t in tables]
+    try:
+        if call.error:
+            raise SQLError(f"the query call failed: {call.error}")
+        sql = extract_sql(call.output)
+        result = await asyncio.to_thread(run_sql, whole, sql, config)
+        if not result.table.rows or not any(c.strip() for r in result.table.rows for c in r):
+            raise SQLError(f"the query {sql!r} returned nothing")
+    except KBRouterError as e:
+        policy._note(rt, question, step, f"table reader: {e}; reading the rows instead")
+        return evidence
+    n = len(result.table.rows)
+    policy._note(
+        rt,
+        question,
+        step,
+        f"table reader: SQL {result.sql!r} over {', '.join(docs)} -> {n} row(s) "
+        f"({result.seconds * 1000:.0f} ms)",
+    )
+    titles = ", ".join(f'"{t.title}"' for t in whole if t.title) or ", ".join(docs)
+    answer = Evidence(
+        kb=tables[0].kb,
+        id="sql:" + "+".join(docs),
+        score=1.0,
+        text=f"{result.sql}\n{result.table.render()}",
+        title=f"Result of the SQL query {result.sql} over {titles}",
+        modality=Modality.TABLE,
+        table=result.table,
+        metadata={"reader": "sql", "sql": result.sql, "doc_ids": docs},
+    )
+    return [answer, *(e for e in evidence if e.modality != Modality.TABLE)]

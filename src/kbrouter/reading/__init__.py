@@ -1,0 +1,1 @@
+"""Evidence -> answer helpers that policies share (the SQL table reader, ...)."""

@@ -1,0 +1,260 @@
+"""The SQL table reader: a model writes ONE query over the retrieved table(s); DuckDB runs it.
+
+Small models misread tables: they guess counts and miss rows beyond what a prompt shows. With
+this reader a step that retrieved tables asks the model for one SQL query instead
+(:func:`sql_messages`: each table's schema with inferred column types and a few sample rows),
+runs it over the *whole* tables (:func:`run_sql`) and shows the result to the model as
+evidence. A query that fails, times out or returns nothing falls back to reading the rows.
+
+The sandbox: an in-memory DuckDB database per query holding only the given tables; file
+system and network access disabled, extensions neither installed nor loaded, configuration
+locked before the query runs; exactly one ``SELECT`` (or ``WITH ... SELECT``) statement; a wall
+time limit (the query is interrupted) and a cap on the rows returned. DuckDB is the optional
+``reading`` extra, imported on first use.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kbrouter.errors import KBRouterError
+from kbrouter.types import ChatMessage, Table
+
+__all__ = [
+    "SQLError",
+    "SQLReaderConfig",
+    "SQLResult",
+    "extract_sql",
+    "run_sql",
+    "schema_text",
+    "sql_messages",
+    "table_names",
+]
+
+
+class SQLError(KBRouterError):
+    """A model-written query that was refused, failed, or ran out of time."""
+
+
+class SQLReaderConfig(BaseModel):
+    """Settings of the SQL table reader."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tables: int = Field(2, gt=0, description="Most retrieved tables offered to one query.")
+    sample_rows: int = Field(3, ge=0, description="Rows per table shown with its schema.")
+    max_result_rows: int = Field(20, gt=0, description="Most result rows shown to the model.")
+    timeout_seconds: float = Field(2.0, gt=0, description="Wall time limit of one query.")
+    max_tokens: int = Field(160, gt=0, description="Token cap of the model's query.")
+
+
+@dataclass
+class SQLResult:
+    """A query's result table and how long it took."""
+
+    sql: str
+    table: Table
+    seconds: float
+
+
+_NUM = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
+
+
+def _number(value: str) -> float | None:
+    v = value.strip()
+    if not _NUM.match(v):
+        return None
+    return float(v.replace(",", ""))
+
+
+def _column_types(table: Table) -> list[str]:
+    """``BIGINT`` / ``DOUBLE`` where every non-empty cell is a number, else ``VARCHAR``."""
+    types = []
+    for j in range(len(table.header)):
+        cells = [r[j].strip() for r in table.rows if j < len(r) and r[j].strip()]
+        nums = [_number(c) for c in cells]
+        if cells and all(n is not None for n in nums):
+            types.append("DOUBLE" if any("." in c for c in cells) else "BIGINT")
+        else:
+            types.append("VARCHAR")
+    return types
+
+
+def _columns(table: Table) -> list[str]:
+    """Unique, non-empty column names (``col_3`` for an empty header cell)."""
+    seen: dict[str, int] = {}
+    out = []
+    for j, h in enumerate(table.header):
+        name = " ".join(str(h).split()) or f"col_{j + 1}"
+        key = name.lower()
+        if key in seen:
+            seen[key] += 1
+            name = f"{name}_{seen[key]}"
+        else:
+            seen[key] = 1
+        out.append(name)
+    return out
+
+
+def table_names(tables: Sequence[Table]) -> list[str]:
+    """The SQL names of the tables: ``t`` for one table, ``t1``, ``t2``, ... for several."""
+    return ["t"] if len(tables) == 1 else [f"t{i}" for i in range(1, len(tables) + 1)]
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def schema_text(tables: Sequence[Table], sample_rows: int = 3) -> str:
+    """Each table's SQL name, title, columns with types, row count and first rows."""
+    parts = []
+    for name, table in zip(table_names(tables), tables, strict=True):
+        cols = ", ".join(
+            f"{_quote(c)} {t}" for c, t in zip(_columns(table), _column_types(table), strict=True)
+        )
+        head = f"Table {name}" + (f' ("{table.title}")' if table.title else "")
+        lines = [f"{head}: {len(table.rows)} rows; columns: {cols}"]
+        if sample_rows:
+            sample = Table(header=_columns(table), rows=table.rows[:sample_rows])
+            lines.append("First rows:\n" + sample.render(max_cell_chars=40))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+SQL_SYSTEM = (
+    "You write one DuckDB SQL query that answers a question from the given table(s). Use only "
+    "the tables and columns listed, with column names in double quotes. Count with COUNT(*), "
+    "find the largest or smallest with ORDER BY ... LIMIT 1 or MAX/MIN, compare numbers as "
+    "numbers. Reply with the query only, inside <sql></sql>."
+)
+_EXAMPLE_TABLE = Table(
+    header=["Year", "Winner", "Goals"],
+    rows=[["1990", "Team A", "3"], ["1991", "Team B", "1"], ["1992", "Team A", "2"]],
+    title="Cup winners",
+)
+SQL_EXAMPLE = (
+    f"{schema_text([_EXAMPLE_TABLE])}\n\nQuestion: How many times did Team A win?",
+    "<sql>SELECT COUNT(*) FROM t WHERE \"Winner\" = 'Team A'</sql>",
+)
+
+
+def sql_messages(
+    question: str, tables: Sequence[Table], config: SQLReaderConfig
+) -> list[ChatMessage]:
+    """The messages asking for one query over ``tables`` (system + one worked example)."""
+    return [
+        ChatMessage(role="system", content=SQL_SYSTEM),
+        ChatMessage(role="user", content=SQL_EXAMPLE[0]),
+        ChatMessage(role="assistant", content=SQL_EXAMPLE[1]),
+        ChatMessage(
+            role="user",
+            content=f"{schema_text(tables, config.sample_rows)}\n\nQuestion: "
+            + " ".join(question.split()),
+        ),
+    ]
+
+
+_TAGGED = re.compile(r"<sql>(.*?)(?:</sql>|$)", re.S | re.I)
+_FENCED = re.compile(r"```(?:sql)?\s*(.*?)(?:```|$)", re.S | re.I)
+_BARE = re.compile(r"\b((?:SELECT|WITH)\b.*)", re.S | re.I)
+
+
+def extract_sql(text: str) -> str:
+    """The query in a model reply: inside ``<sql>``, a fenced block, or from the first
+    SELECT/WITH on. Raises :class:`SQLError` if there is none."""
+    for pattern in (_TAGGED, _FENCED, _BARE):
+        m = pattern.search(text or "")
+        if m and m.group(1).strip():
+            return m.group(1).strip().rstrip(";").strip()
+    raise SQLError(f"the reply holds no SQL query: {text[:120]!r}")
+
+
+def _connect(tables: Sequence[Table]):  # -> duckdb.DuckDBPyConnection
+    try:
+        import duckdb
+    except ImportError as e:  # pragma: no cover - the optional extra
+        raise SQLError("the SQL table reader needs DuckDB: pip install 'kbrouter[reading]'") from e
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "threads": 1,
+            "memory_limit": "256MB",
+        },
+    )
+    for name, table in zip(table_names(tables), tables, strict=True):
+        cols, types = _columns(table), _column_types(table)
+        con.execute(
+            f"CREATE TABLE {name} ("
+            + ", ".join(f"{_quote(c)} {t}" for c, t in zip(cols, types, strict=True))
+            + ")"
+        )
+        rows = []
+        for r in table.rows:
+            cells = [(r[j] if j < len(r) else "").strip() for j in range(len(cols))]
+            row: list[object] = []
+            for c, t in zip(cells, types, strict=True):
+                if t == "VARCHAR":
+                    row.append(c or None)
+                else:
+                    n = _number(c) if c else None
+                    row.append(None if n is None else (int(n) if t == "BIGINT" else n))
+            rows.append(row)
+        if rows:
+            con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(cols))})", rows)
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = None) -> SQLResult:
+    """Run one read-only query over ``tables`` in a fresh sandbox (see the module docstring).
+
+    Raises :class:`SQLError` for anything but exactly one SELECT, for a query DuckDB rejects,
+    and when the time limit interrupts it.
+    """
+    import duckdb
+
+    cfg = config or SQLReaderConfig()
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise SQLError(f"malformed SQL: {e}") from None
+    if len(statements) != 1:
+        raise SQLError(f"expected one SQL statement, got {len(statements)}")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise SQLError(f"only SELECT queries are run, not {statements[0].type.name}")
+    t0 = time.perf_counter()
+    con = _connect(tables)
+    timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
+    timer.start()
+    try:
+        cur = con.execute(sql)
+        header = [d[0] for d in cur.description or []]
+        rows = cur.fetchmany(cfg.max_result_rows)
+    except duckdb.InterruptException:
+        raise SQLError(
+            f"the query ran longer than {cfg.timeout_seconds:g} s and was stopped"
+        ) from None
+    except duckdb.Error as e:
+        raise SQLError(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        timer.cancel()
+        con.close()
+    out = Table(header=[str(h) for h in header], rows=[[_cell(v) for v in r] for r in rows])
+    return SQLResult(sql=sql, table=out, seconds=time.perf_counter() - t0)
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)

@@ -1,0 +1,98 @@
+"""The SQL table reader inside policies, on the scripted model: exact calls, the evidence the
+model is shown, and the fallback to the rows."""
+
+from __future__ import annotations
+
+from kbrouter.engine.engine import Engine, EngineConfig
+from kbrouter.policies.baselines import make_policy
+from kbrouter.testing import ScriptedChatModel, StaticKB, StaticKBRegistry
+from kbrouter.types import Evidence, Modality, Table
+
+QUESTION = "How many times did Team A win the cup?"
+HEADER = ["Year", "Winner"]
+BLOCKS = [  # one table indexed as two row blocks; Team A won three times in all
+    [["1990", "Team A"], ["1991", "Team B"]],
+    [["1992", "Team A"], ["1993", "Team A"]],
+]
+
+
+def _kbs() -> list[StaticKB]:
+    blocks = [
+        Evidence(
+            kb="table",
+            id=f"tbl-cup#{i}",
+            score=0.0,
+            text="Cup winners Team A " + " ".join(" ".join(r) for r in rows),
+            title="Cup winners",
+            modality=Modality.TABLE,
+            table=Table(header=HEADER, rows=rows, title="Cup winners"),
+            metadata={"doc_id": "tbl-cup"},
+        )
+        for i, rows in enumerate(BLOCKS)
+    ]
+    text = Evidence(kb="text", id="p1", score=0.0, text="Team A is a football club.")
+    return [StaticKB("text", [text]), StaticKB("table", blocks, modality=Modality.TABLE)]
+
+
+def _run(method: str, outputs: list[str], **options):
+    model = ScriptedChatModel(outputs)
+    policy = make_policy(method, **options)
+    engine = Engine(model, StaticKBRegistry(_kbs()), policy, EngineConfig(top_k=1))
+    return engine.answer_sync(QUESTION)
+
+
+SQL = "<sql>SELECT COUNT(*) AS wins FROM t WHERE \"Winner\" = 'Team A'</sql>"
+
+
+def test_single_kb_sql_reader_counts_over_the_whole_table():
+    traj = _run("single-kb:table", [SQL, "<answer>3</answer>"], table_reader="sql")
+    assert [c.purpose for c in traj.model_calls()] == ["read", "final"]
+    read = traj.steps[0].read_calls[0]
+    assert 'Table t ("Cup winners"): 4 rows' in read.messages[-1].text()  # both blocks
+    final_prompt = traj.final_call.messages[-1].text()
+    assert "Result of the SQL query SELECT COUNT(*) AS wins" in final_prompt
+    assert "wins\n3" in final_prompt
+    assert "1993 | Team A" not in final_prompt  # the shown rows are replaced by the result
+    assert any("table reader: SQL" in n and "-> 1 row(s)" in n for n in traj.steps[0].notes)
+    assert traj.answer == "3"
+
+
+def test_a_reply_without_sql_or_a_failing_query_falls_back_to_the_rows():
+    for reply, why in [
+        ("I cannot write that.", "no SQL query"),
+        ("<sql>SELECT * FROM read_csv('/etc/passwd')</sql>", "disabled"),
+        ('<sql>SELECT "Winner" FROM t WHERE "Year" > 2000</sql>', "returned nothing"),
+    ]:
+        traj = _run("single-kb:table", [reply, "<answer>1</answer>"], table_reader="sql")
+        note = next(n for n in traj.steps[0].notes if n.startswith("table reader:"))
+        assert why in note and note.endswith("reading the rows instead")
+        final_prompt = traj.final_call.messages[-1].text()
+        assert "1993 | Team A" in final_prompt and "Result of the SQL" not in final_prompt
+
+
+def test_rows_reader_is_the_default_and_makes_no_extra_call():
+    traj = _run("single-kb:table", ["<answer>1</answer>"])
+    assert [c.purpose for c in traj.model_calls()] == ["final"]
+    assert traj.config["table_reader"] == "rows"
+
+
+def test_r1_router_loop_reads_tables_by_sql_before_the_sub_answer():
+    outputs = [
+        "<think>t</think><sub-question>How many times did Team A win?</sub-question>"
+        "<ret>table</ret>",
+        SQL,
+        "<answer>3</answer>",
+        "<think>done</think><sub-question>None</sub-question><ret>None</ret>",
+        "<answer>3</answer>",
+    ]
+    traj = _run("r1-router", outputs, table_reader="sql", use_grammar=False)
+    assert [c.purpose for c in traj.model_calls()] == [
+        "route",
+        "read",
+        "sub_answer",
+        "route",
+        "final",
+    ]
+    sub_prompt = traj.steps[0].answer_call.messages[-1].text()
+    assert "wins\n3" in sub_prompt
+    assert traj.answer == "3" and traj.config["table_reader"] == "sql"

@@ -1,0 +1,118 @@
+"""The SQL table reader's sandboxed executor on real mkqa-mini tables, and its refusals."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from kbrouter.reading.sql import (
+    SQLError,
+    SQLReaderConfig,
+    extract_sql,
+    run_sql,
+    schema_text,
+    sql_messages,
+)
+from kbrouter.types import Table
+
+
+def _table(shared_data: Path, table_id: str, title: str) -> Table:
+    path = shared_data / "mkqa-mini" / "corpus" / "tables" / f"{table_id}.csv"
+    with path.open(encoding="utf-8", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    return Table(header=header, rows=rows, title=title)
+
+
+@pytest.fixture(scope="module")
+def countries(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-world-countries", "Countries of the world")
+
+
+@pytest.fixture(scope="module")
+def buses(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-wtq-204-50", "List of Metrobus routes (Washington, D.C.)")
+
+
+def _one(tables: list[Table], sql: str) -> list[list[str]]:
+    return run_sql(tables, sql).table.rows
+
+
+def test_count_max_and_lookup_over_a_whole_real_table(countries: Table):
+    europe = sum(1 for r in countries.rows if r[2] == "Europe")
+    assert europe > 40
+    assert _one([countries], "SELECT COUNT(*) FROM t WHERE \"region\" = 'Europe'") == [
+        [str(europe)]
+    ]
+    biggest = max(countries.rows, key=lambda r: float(r[4] or 0))[0]
+    assert _one([countries], 'SELECT "name" FROM t ORDER BY "area_km2" DESC LIMIT 1') == [[biggest]]
+    assert _one([countries], 'SELECT "capital" FROM t WHERE "name" = \'Australia\'') == [
+        ["Canberra"]
+    ]
+    # numeric columns are typed, so comparisons are numeric
+    assert 'area_km2" DOUBLE' in schema_text([countries])
+    small = sum(1 for r in countries.rows if r[4] and float(r[4]) < 1000)
+    assert _one([countries], 'SELECT COUNT(*) FROM t WHERE "area_km2" < 1000') == [[str(small)]]
+
+
+def test_duplicate_headers_text_numbers_and_two_tables(buses: Table, countries: Table):
+    schema = schema_text([buses])
+    assert '"Terminals" VARCHAR' in schema and '"Terminals_2" VARCHAR' in schema
+    assert '"Route" VARCHAR' in schema  # "32, 36" is not a number
+    local = sum(1 for r in buses.rows if r[2] == "Local")
+    assert _one([buses], "SELECT COUNT(*) FROM t WHERE \"Fare Type\" = 'Local'") == [[str(local)]]
+    # with two tables they are t1 and t2
+    rows = _one([buses, countries], "SELECT (SELECT COUNT(*) FROM t1), (SELECT COUNT(*) FROM t2)")
+    assert rows == [[str(len(buses.rows)), str(len(countries.rows))]]
+    assert "Table t1" in schema_text([buses, countries])
+
+
+def test_results_are_capped_and_the_prompt_shows_schema_and_question(countries: Table):
+    cfg = SQLReaderConfig(max_result_rows=5)
+    assert len(run_sql([countries], 'SELECT "name" FROM t', cfg).table.rows) == 5
+    msgs = sql_messages("How many countries are in Europe?", [countries], cfg)
+    last = msgs[-1].text()
+    assert "250 rows" in last and '"region" VARCHAR' in last
+    assert last.endswith("Question: How many countries are in Europe?")
+    assert msgs[0].role == "system" and "<sql>" in msgs[0].text()
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", "disabled"),
+        ("COPY t TO '/tmp/kbrouter-leak.csv'", "only SELECT"),
+        ("ATTACH '/tmp/x.db'", "only SELECT"),
+        ("DROP TABLE t", "only SELECT"),
+        ("SELECT 1; SELECT 2", "one SQL statement"),
+        ("SELEC name FROM t", "malformed SQL"),
+        ('SELECT "no such column" FROM t', "Binder"),
+        ("INSTALL httpfs", "only SELECT"),
+    ],
+)
+def test_refused_or_failing_queries_are_clear_errors(countries: Table, sql: str, problem: str):
+    with pytest.raises(SQLError, match=problem):
+        run_sql([countries], sql)
+    assert not Path("/tmp/kbrouter-leak.csv").exists()
+
+
+def test_a_query_that_never_ends_is_cut_off(countries: Table):
+    cfg = SQLReaderConfig(timeout_seconds=0.5)
+    forever = (
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r"
+    )
+    with pytest.raises(SQLError, match="longer than 0.5 s"):
+        run_sql([countries], forever, cfg)
+
+
+def test_extract_sql_from_tags_fences_and_bare_replies():
+    assert extract_sql("<sql>SELECT 1;</sql>") == "SELECT 1"
+    assert extract_sql("Sure:\n```sql\nSELECT a FROM t\n```") == "SELECT a FROM t"
+    assert extract_sql("The query is SELECT COUNT(*) FROM t") == "SELECT COUNT(*) FROM t"
+    assert (
+        extract_sql("<sql>WITH x AS (SELECT 1) SELECT * FROM x")
+        == "WITH x AS (SELECT 1) SELECT * FROM x"
+    )
+    with pytest.raises(SQLError, match="no SQL query"):
+        extract_sql("I do not know.")
