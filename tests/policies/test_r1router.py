@@ -194,7 +194,21 @@ def test_stop_at_first_step_is_no_retrieval(demo_kbs):
     traj, _ = run(demo_kbs, Script(routes=[route(None, None)]), "What is 2 + 2?")
     assert traj.stop_reason == "no_retrieval"
     assert traj.retrievals() == []
-    assert "(none yet)" in traj.final_call.messages[-1].text()
+    final = traj.final_call.messages[-1].text()
+    # no copyable placeholder for the empty history (small models answered "None yet?")
+    assert "none yet" not in final.lower() and "Answers found so far" not in final
+    assert final == "Question: What is 2 + 2?\nWhat is the answer to the question?"
+
+
+def test_final_prompt_leaves_out_hops_without_an_answer(demo_kbs):
+    from kbrouter.policies.prompts import Hop, PromptBuilder
+
+    builder = PromptBuilder(demo_kbs.infos, supports_images=False)
+    text = builder.final_messages(
+        Question(text="Q?"), [Hop("Which flag?", "Australia"), Hop("Capital?", "")]
+    )[-1].text()
+    assert "Sub-question 1: Which flag?\nAnswer 1: Australia" in text
+    assert "Capital?" not in text and "no answer found" not in text
 
 
 def test_multiple_kbs_in_ret_are_all_queried(demo_kbs):

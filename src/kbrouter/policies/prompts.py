@@ -375,11 +375,14 @@ class PromptBuilder:
 
     @staticmethod
     def _final_user_text(text: str, history: Sequence[Hop]) -> str:
-        return (
-            f"Question: {' '.join(text.split())}\n"
-            f"Answers found so far:\n{render_history(history)}\n"
-            "What is the answer to the question?"
-        )
+        # Only hops that found an answer, and no placeholder when none did: a small model
+        # copies "(none yet)" or "(no answer found)" as its final answer.
+        found = [h for h in history if h.answer.strip()]
+        parts = [f"Question: {' '.join(text.split())}"]
+        if found:
+            parts.append(f"Answers found so far:\n{render_history(found)}")
+        parts.append("What is the answer to the question?")
+        return "\n".join(parts)
 
     def final_messages(self, question: Question, history: Sequence[Hop]) -> list[ChatMessage]:
         """System (+ example) then the question (+ image) and the FULL history."""
