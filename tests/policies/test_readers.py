@@ -1,5 +1,5 @@
-"""The SQL table reader inside policies, on the scripted model: exact calls, the evidence the
-model is shown, and the fallback to the rows."""
+"""Evidence readers inside policies, on the scripted model: the SQL table reader (exact calls,
+the evidence the model is shown, the fallback to the rows) and the image-entity shortcut."""
 
 from __future__ import annotations
 
@@ -96,3 +96,78 @@ def test_r1_router_loop_reads_tables_by_sql_before_the_sub_answer():
     sub_prompt = traj.steps[0].answer_call.messages[-1].text()
     assert "wins\n3" in sub_prompt
     assert traj.answer == "3" and traj.config["table_reader"] == "sql"
+
+
+def _image_kbs(pinned: bool) -> list[StaticKB]:
+    meta = {"pinned": True} if pinned else {}
+    flags = [
+        Evidence(
+            kb="image",
+            id="img-flag-au",
+            score=0.95,
+            text="Flag of Australia. Australia is a country in Oceania.",
+            title="Flag of Australia",
+            modality=Modality.IMAGE,
+            metadata=meta,
+        ),
+        Evidence(
+            kb="image",
+            id="img-flag-ke",
+            score=0.05,
+            text="Flag of Kenya. Kenya is a country in Eastern Africa.",
+            title="Flag of Kenya",
+            modality=Modality.IMAGE,
+        ),
+    ]
+    return [*_kbs(), StaticKB("image", flags, modality=Modality.IMAGE)]
+
+
+def _flag_run(tmp_path, sub_question: str, outputs_after: list[str], pinned: bool = True):
+    img = tmp_path / "q.jpg"
+    img.write_bytes(b"static KBs do not read it")
+    outputs = [
+        f"<think>t</think><sub-question>{sub_question}</sub-question><ret>image</ret>",
+        *outputs_after,
+    ]
+    model = ScriptedChatModel(outputs)
+    policy = make_policy("r1-router", image_entity=True, use_grammar=False)
+    engine = Engine(model, StaticKBRegistry(_image_kbs(pinned)), policy, EngineConfig(top_k=2))
+    from kbrouter.types import Question
+
+    return engine.answer_sync(Question(text="Which country's flag is shown?", image=img))
+
+
+STOP = "<think>done</think><sub-question>None</sub-question><ret>None</ret>"
+
+
+def test_image_match_answers_an_identification_sub_question_without_a_model_call(tmp_path):
+    traj = _flag_run(
+        tmp_path,
+        "Which country's flag is shown in the image?",
+        [STOP, "<answer>Australia</answer>"],
+    )
+    assert [c.purpose for c in traj.model_calls()] == ["route", "route", "final"]
+    assert traj.steps[0].sub_answer == "Flag of Australia" and traj.steps[0].answer_call is None
+    assert any(
+        "image-to-image match" in n and "Flag of Australia; answered without a model call" in n
+        for n in traj.steps[0].notes
+    )
+    assert "Answer 1: Flag of Australia" in traj.final_call.messages[-1].text()
+
+
+def test_no_shortcut_for_other_questions_or_without_a_match(tmp_path):
+    # asks about the item, not what it is: the model reads the evidence
+    traj = _flag_run(
+        tmp_path,
+        "What is the flag shown in the image made of?",
+        ["<answer>cloth</answer>", STOP, "<answer>cloth</answer>"],
+    )
+    assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]
+    # no image-to-image match above the threshold: no shortcut either
+    traj = _flag_run(
+        tmp_path,
+        "Which country's flag is shown?",
+        ["<answer>Kenya</answer>", STOP, "<answer>Kenya</answer>"],
+        pinned=False,
+    )
+    assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]

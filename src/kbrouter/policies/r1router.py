@@ -24,6 +24,7 @@ from kbrouter.policies.base import Policy, Runtime
 from kbrouter.policies.parser import parse_answer, parse_route
 from kbrouter.policies.prompts import Hop, PromptBuilder
 from kbrouter.policies.readers import TableReader, read_tables
+from kbrouter.reading.images import asks_what_image_shows, identified_entity
 from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
     Evidence,
@@ -65,6 +66,12 @@ class R1RouterConfig(BaseModel):
         description="Steps that must retrieve before the router may stop (0 = the paper: it "
         "may answer at once). An early None/None is re-asked with a corrective message; with a "
         "grammar the stop branch is excluded. Helps small models that stop before retrieving.",
+    )
+    image_entity: bool = Field(
+        False,
+        description="When the question's image matched an image-KB item above the KB's "
+        "threshold and the sub-question asks what the image shows, answer it with that item's "
+        "title without a model call (noted in the trace). See kbrouter.reading.images.",
     )
     table_reader: TableReader = Field(
         "rows",
@@ -143,6 +150,24 @@ class R1RouterPolicy(Policy):
                 evidence.extend(self._shown(r, rt))
             if not evidence:
                 self._note(rt, question, step, "no evidence retrieved; answering without it")
+            entity = (
+                identified_entity(step.retrievals)
+                if self.config.image_entity and asks_what_image_shows(action.sub_question)
+                else None
+            )
+            if entity is not None:
+                assert entity.title is not None
+                step.sub_answer = entity.title
+                self._note(
+                    rt,
+                    question,
+                    step,
+                    f"image identified by an image-to-image match ({entity.score:.2f}): "
+                    f"{entity.title}; answered without a model call",
+                )
+                history.append(Hop(action.sub_question, step.sub_answer, tuple(action.kbs)))
+                self._emit(rt, "sub_answer", question, step=step)
+                continue
             if self.config.table_reader == "sql":
                 evidence = await read_tables(
                     self, question, action.sub_question, evidence, rt, step, self.config.sql_reader
