@@ -8,8 +8,9 @@ table questions (wtq) with the table KB only: rows (today's reading) vs the SQL 
 Writes ``summary.json`` (per configuration ``f1_recall`` with its standard error,
 ``reading_failure_share``, ``early_stop_share``, attribution shares, ``questions``) and
 ``summary.md`` under ``--out``; each configuration's resumable results go under ``--runs`` (not
-committed). Configurations already in ``summary.json`` from the same selection, model and
-engine settings are kept. Re-run the same command to resume.
+committed). Every configuration records its selection, model and engine settings; those already
+in ``summary.json`` are kept, a configuration named again is re-measured (resuming). Re-run the
+same command to resume.
 
     .venv/bin/python benchmarks/bench_answers.py --sources wtq --limit 40
 """
@@ -82,28 +83,23 @@ def main() -> None:
     registry.build(progress=False)
     model = load_model(args.model)
     engine = EngineConfig(max_steps=args.max_steps, top_k=args.top_k, concurrency=2)
-    result = {
+    selection = {
         "dataset": "mkqa-mini dev",
-        "selection": {
-            "sources": sources,
-            "limit": args.limit,
-            "seed": args.seed,
-            "stratified_by_source": True,
-        },
+        "sources": sources,
+        "limit": args.limit,
+        "seed": args.seed,
+        "stratified_by_source": True,
+    }
+    result: dict = {"configurations": {}}
+    path = args.out / "summary.json"
+    if path.is_file():  # every configuration records its own selection and setup: keep them
+        result["configurations"] = json.loads(path.read_text()).get("configurations", {})
+    setup = {
         "model": args.model,
         "model_info": model.describe(),
         "engine": engine.model_dump(mode="json"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "configurations": {},
     }
-    path = args.out / "summary.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        same = all(old.get(k) == result[k] for k in ("dataset", "selection", "model", "engine"))
-        if same:
-            result["configurations"] = old.get("configurations", {})
-        else:
-            print(f"{path}: earlier results are for another selection or setup; not kept")
     commit = _commit()
     for item in [c.strip() for c in args.configs.split(",") if c.strip()]:
         name, _, entry = item.partition("=")
@@ -134,6 +130,8 @@ def main() -> None:
         shares = att.get("shares", {})
         routing = summary["routing"]
         result["configurations"][name] = {
+            "selection": selection,
+            **setup,
             "method": method,
             "settings": options,
             "f1_recall": summary["f1_recall"],
@@ -161,26 +159,26 @@ def _write(out: Path, result: dict) -> None:
     def f(x, d=1):
         return "–" if x is None else f"{x:.{d}f}"
 
-    sel = result["selection"]
     stages = ("correct", "routing", "retrieval", "reading", "early_stop", "budget", "format")
     lines = [
         "# From evidence to answers (embedded model)",
         "",
-        f"mkqa-mini dev, sources {', '.join(sel['sources'])}, "
-        f"{'all' if sel['limit'] is None else sel['limit']} questions (seed {sel['seed']}, "
-        f"stratified by source); model {result['model']}; top-{result['engine']['top_k']} "
-        f"evidence per KB; greedy decoding. Attribution columns: % of questions by the first "
-        "failed stage (kbrouter.eval.attribution).",
+        "mkqa-mini dev; each row's questions are a fixed seeded selection (stratified by source) "
+        "of the sources it names; greedy decoding. Attribution columns: % of questions by the "
+        "first failed stage (kbrouter.eval.attribution).",
         "",
-        "| configuration | method | settings | F1-Recall ± SE | n | model calls/q | s/q | "
-        + " | ".join(s.replace("_", " ") for s in stages)
-        + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(stages),
+        "| configuration | questions from | method | settings | model, top-k | F1-Recall ± SE | n "
+        "| model calls/q | s/q | " + " | ".join(s.replace("_", " ") for s in stages) + " |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(stages),
     ]
     for name, c in result["configurations"].items():
         settings = ", ".join(f"{k}={v}" for k, v in sorted(c["settings"].items())) or "–"
+        sel = c["selection"]
+        picked = f"{', '.join(sel['sources'])} ({'all' if sel['limit'] is None else sel['limit']}"
+        picked += f", seed {sel['seed']})"
+        setup = f"{c['model_info'].get('name', c['model'])}, {c['engine']['top_k']}"
         lines.append(
-            f"| {name} | {c['method']} | {settings} | {f(c['f1_recall'])} ± "
+            f"| {name} | {picked} | {c['method']} | {settings} | {setup} | {f(c['f1_recall'])} ± "
             f"{f(c['f1_recall_se'])} | {c['questions']} | {f(c['model_calls_per_question'], 2)} "
             f"| {f(c['seconds_per_question'])} | "
             + " | ".join(f(100 * c["attribution"].get(s, 0.0), 0) for s in stages)

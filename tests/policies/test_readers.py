@@ -171,3 +171,24 @@ def test_no_shortcut_for_other_questions_or_without_a_match(tmp_path):
         pinned=False,
     )
     assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]
+
+
+def test_pinned_alone_shows_only_the_image_match(tmp_path):
+    outputs = [
+        "<answer>Australia</answer>",
+        STOP,
+        "<answer>Australia</answer>",
+    ]
+    for alone, shown in [(True, ["Flag of Australia"]), (False, ["Flag of Australia", "Kenya"])]:
+        img = tmp_path / "q.jpg"
+        img.write_bytes(b"x")
+        route = "<think>t</think><sub-question>Which country's flag?</sub-question><ret>image</ret>"
+        model = ScriptedChatModel([route, *outputs])
+        policy = make_policy("r1-router", pinned_alone=alone, use_grammar=False)
+        engine = Engine(model, StaticKBRegistry(_image_kbs(True)), policy, EngineConfig(top_k=2))
+        from kbrouter.types import Question
+
+        traj = engine.answer_sync(Question(text="Which country's flag is this?", image=img))
+        prompt = traj.steps[0].answer_call.messages[-1].text()
+        assert all(s in prompt for s in shown)
+        assert ("Flag of Kenya" in prompt) is (not alone)

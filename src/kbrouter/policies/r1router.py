@@ -73,6 +73,12 @@ class R1RouterConfig(BaseModel):
         "threshold and the sub-question asks what the image shows, answer it with that item's "
         "title without a model call (noted in the trace). See kbrouter.reading.images.",
     )
+    pinned_alone: bool = Field(
+        False,
+        description="When a search's best hit is an image-to-image match above the image KB's "
+        "threshold (pinned), show only the pinned hits of that search: a small model otherwise "
+        "names a lower-ranked item.",
+    )
     table_reader: TableReader = Field(
         "rows",
         description="How retrieved tables are read: 'rows' (shown as rows) or 'sql' (the model "
@@ -272,8 +278,12 @@ class R1RouterPolicy(Policy):
         return list(await asyncio.gather(*(rt.retrieve(kb, query_for(kb)) for kb in action.kbs)))
 
     def _shown(self, retrieval: Retrieval, rt: Runtime) -> list[Evidence]:
-        """The evidence of one retrieval that the sub-answer prompt shows: the top-k."""
-        return retrieval.evidence[: rt.top_k]
+        """The evidence of one retrieval that the sub-answer prompt shows: the top-k (only the
+        pinned image matches when ``pinned_alone`` and the best hit is one)."""
+        top = retrieval.evidence[: rt.top_k]
+        if self.config.pinned_alone and top and top[0].metadata.get("pinned"):
+            return [e for e in top if e.metadata.get("pinned")]
+        return top
 
     def _route_params(
         self, rt: Runtime, prompts: PromptBuilder, *, allow_stop: bool = True
