@@ -123,3 +123,17 @@ def test_router_errors_are_clear(tmp_path, demo_router):
          "--out", str(tmp_path / "x")],
     )  # fmt: skip
     assert mk.exit_code == 2 and "retrain" in _out(mk)
+
+
+def test_the_cli_does_not_force_offline_mode(monkeypatch, tmp_path):
+    """A user with network may name a hub model: only the demo and the tests set offline mode."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from kbrouter.cli.main import app
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+    assert "HF_HUB_OFFLINE" not in os.environ

@@ -19,7 +19,8 @@ app = typer.Typer(
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # No HF_HUB_OFFLINE here: the packaged defaults load from local files, and a user with network
+    # may name a hub model. The demo and the tests set it (Makefile, tests/conftest.py).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own rich bars only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # OpenMP spin-waiting is pathological on shared CPUs; set before torch/faiss load.
