@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from kbrouter.files import file_sha256
 from kbrouter.types import ChatMessage, ChatResult, Evidence, ImagePart, Query, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class FileHasher:
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         digest = self._memo.get(key)
         if digest is None:
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            digest = file_sha256(p)
             self._memo[key] = digest
         return digest
 

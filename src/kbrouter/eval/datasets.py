@@ -29,7 +29,6 @@ else ``<repo>/../shared/data`` of a source checkout.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import DatasetError
+from kbrouter.files import iter_jsonl
 from kbrouter.kb.base import KBInfo
 from kbrouter.types import Question
 
@@ -203,21 +203,7 @@ def shared_data_dir(data_dir: str | Path | None = None) -> Path:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) pairs; blank lines skipped; a bad line raises DatasetError."""
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)  # Python's json accepts Dyn-VQA's bare NaN
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DatasetError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
-                )
-            yield lineno, rec
+    return iter_jsonl(path, what="dataset file", error=DatasetError)
 
 
 def _field(rec: dict[str, Any], key: str, path: Path, lineno: int) -> Any:

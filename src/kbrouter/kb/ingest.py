@@ -14,7 +14,6 @@ Every ``path`` field in a manifest is relative to the folder of the manifest tha
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kbrouter.errors import DataError
+from kbrouter.files import iter_jsonl
 from kbrouter.types import Table
 
 logger = logging.getLogger(__name__)
@@ -101,31 +101,11 @@ def _iter_jsonl(
     path: Path, report: IngestReport, on_bad_row: OnBadRow
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line; bad JSON is a bad row."""
-    try:
-        fh = path.open("r", encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    with fh:
-        lineno = 0
-        while True:
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                break
-            lineno += 1
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.add(BadRow(path, lineno, f"invalid JSON: {e.msg}"), on_bad_row)
-                continue
-            if not isinstance(obj, dict):
-                report.add(BadRow(path, lineno, "not a JSON object"), on_bad_row)
-                continue
-            yield lineno, obj
+
+    def bad(lineno: int, problem: str) -> None:
+        report.add(BadRow(path, lineno, problem), on_bad_row)
+
+    return iter_jsonl(path, error=DataError, on_bad_line=bad)
 
 
 def _manifest_row(obj: dict, *optional: str) -> tuple[str, str, dict[str, str]]:

@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kbrouter.errors import IndexError_, StaleIndexError
+from kbrouter.files import file_sha256
 from kbrouter.types import Modality
 
 logger = logging.getLogger(__name__)
@@ -95,14 +96,6 @@ class IndexManifest(BaseModel):
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint_sources(

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kbrouter.errors import ConfigError, ModelError
+from kbrouter.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +153,6 @@ def assemble_gguf(preset: str, cache_dir: Path | None = None, verify: bool = Fal
     return target
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file, streamed."""
-    return _sha256_file(path)
-
-
 # ---------------------------------------------------------------------------- internals
 
 
@@ -265,9 +261,4 @@ def _write_sidecar(target: Path, digest: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256_file = file_sha256  # the one hasher (a module name, so tests can count calls)

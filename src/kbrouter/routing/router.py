@@ -26,7 +26,6 @@ joblib files are pickles: load only routers you trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.encoders.base import TextEncoder
 from kbrouter.errors import RouterError
+from kbrouter.files import file_sha256
 from kbrouter.routing.data import RouteSample, samples_hash
 from kbrouter.routing.features import FEATURE_VERSION, RouteFeaturizer
 from kbrouter.routing.metrics import routing_scores
@@ -278,7 +278,7 @@ class LearnedRouter:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
             joblib.dump(self.estimator, tmp / MODEL_FILE)
-            manifest = {**self.manifest, "model_sha256": _sha256(tmp / MODEL_FILE)}
+            manifest = {**self.manifest, "model_sha256": file_sha256(tmp / MODEL_FILE)}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -319,7 +319,7 @@ class LearnedRouter:
         model_file = path / MODEL_FILE
         if not model_file.is_file():
             raise RouterError(f"router folder {path} has no {MODEL_FILE}")
-        if manifest.get("model_sha256") != _sha256(model_file):
+        if manifest.get("model_sha256") != file_sha256(model_file):
             raise RouterError(
                 f"{model_file} does not match the checksum in its manifest (corrupt or replaced)"
             )
@@ -389,14 +389,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"version {FEATURE_VERSION}: retrain the router"
         )
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kbrouter.errors import DataError
+from kbrouter.files import iter_jsonl
 from kbrouter.types import ChatMessage, ContentPart, ImagePart, TextPart
 
 logger = logging.getLogger(__name__)
@@ -367,20 +368,7 @@ def split_steps(
 
 
 def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
-    if not path.is_file():
-        raise DataError(f"step file not found: {path}")
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    with fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
+    return iter_jsonl(path, what="step file", error=DataError, objects=False)
 
 
 def _write_jsonl(lines: Iterable[str], path: str | Path) -> Path:
