@@ -43,6 +43,14 @@ class ModelError(KBRouterError):
     """A model backend failed (server down, timeout, invalid response, missing weights)."""
 
 
+class ModelUnavailableError(ModelError):
+    """The model server cannot be reached (connection failures or timeouts after retries).
+
+    After a few in a row the engine stops the whole run with this error (a circuit breaker)
+    instead of failing every remaining question.
+    """
+
+
 class ModelOutputError(KBRouterError):
     """A model's output does not follow the expected format."""
 

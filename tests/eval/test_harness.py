@@ -276,3 +276,23 @@ def test_sources_filter_selects_before_the_limit(dataset, tmp_path):
     assert summary["questions"] == 1 and list(summary["by_source"]) == ["stats"]
     with pytest.raises(DatasetError, match="no source 'nope'; its sources: geo, stats"):
         _run(dataset, tmp_path / "x", sources=["nope"])
+
+
+def test_a_dead_model_server_stops_the_eval_with_one_clear_error(dataset, tmp_path):
+    """Circuit breaker: after a few calls in a row cannot reach the server, the eval stops with
+    one error naming the URL instead of writing an error row for every question."""
+    import socket
+
+    from kbrouter.errors import ModelUnavailableError
+    from kbrouter.models.openai_compat import OpenAICompatibleModel
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    model = OpenAICompatibleModel("m", base_url=url, api_key="x", max_retries=0, timeout=5)
+    with pytest.raises(ModelUnavailableError, match="3 model calls in a row") as err:
+        _run(dataset, tmp_path / "dead", method="direct", model=model, concurrency=1)
+    assert f"{url}/chat/completions" in str(err.value)
+    lines = load_results(tmp_path / "dead")
+    assert len(lines) == 2 and all(r["error"] for r in lines)  # then it stopped

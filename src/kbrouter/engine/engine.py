@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kbrouter.engine.cache import ReplayCache
 from kbrouter.engine.events import EventCallback
 from kbrouter.engine.runtime import KBSource, QuestionRuntime, RunContext
+from kbrouter.errors import ModelUnavailableError
 from kbrouter.models.base import ChatModel
 from kbrouter.policies.base import Policy
 from kbrouter.types import Question, SamplingParams, Trajectory
@@ -61,6 +62,13 @@ class EngineConfig(BaseModel):
         5.0, ge=0, description="How long a retrieval waits for others to share its KB batch."
     )
     max_batch: int = Field(64, gt=0, description="Most queries in one kb.search call.")
+    max_unavailable: int = Field(
+        3,
+        ge=1,
+        exclude=True,  # operational: never changes an answer, so not part of run records
+        description="Model calls in a row that cannot reach the model server after which the "
+        "run stops with one ModelUnavailableError (circuit breaker).",
+    )
 
     def effective_sampling(self) -> SamplingParams:
         return self.sampling.model_copy(update={"seed": self.seed})
@@ -128,6 +136,7 @@ class Engine:
             batch_window=cfg.batch_window_ms / 1000.0,
             max_batch=cfg.max_batch,
             on_event=on_event if on_event is not None else self.on_event,
+            max_unavailable=cfg.max_unavailable,
         )
         self.last_context = ctx
         return ctx
@@ -138,8 +147,8 @@ class Engine:
         rt.question_started(question)
         try:
             traj = await self.policy.run(question, rt)
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, ModelUnavailableError):
+            raise  # the breaker tripped: the whole run stops
         except Exception as e:
             log.exception("policy %s failed on question %r", self.policy.name, question.text[:80])
             traj = Trajectory(
@@ -201,7 +210,12 @@ class Engine:
                     log.exception("on_result callback failed for question %d", i)
 
         try:
-            await asyncio.gather(*(one(i, q) for i, q in enumerate(qs)))
+            async with asyncio.TaskGroup() as tg:  # one fatal error cancels the others
+                for i, q in enumerate(qs):
+                    tg.create_task(one(i, q))
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            raise first.with_traceback(first.__traceback__) from None
         finally:
             await ctx.aclose()
         return [t for t in results if t is not None]

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from kbrouter.engine.cache import FileHasher, ReplayCache, chat_key, manifest_id, search_key
 from kbrouter.engine.events import EventCallback, TraceEvent
-from kbrouter.errors import UnknownKBError
+from kbrouter.errors import ModelUnavailableError, UnknownKBError
 from kbrouter.kb.base import KBInfo, KnowledgeBase
 from kbrouter.models.base import ChatModel
 from kbrouter.policies.base import Purpose
@@ -195,6 +195,7 @@ class RunContext:
         batch_window: float,
         max_batch: int,
         on_event: EventCallback | None,
+        max_unavailable: int = 3,
     ) -> None:
         self.model = model
         self.kb_source = kbs
@@ -207,6 +208,8 @@ class RunContext:
         self.batch_window = batch_window
         self.max_batch = max_batch
         self.on_event = on_event
+        self.max_unavailable = max_unavailable
+        self._unavailable = 0  # model calls in a row that could not reach the server
         self.in_flight = 0
         self.infos = list(kbs.infos)
         self._model_desc = {"name": model.name, **_safe_describe(model)}
@@ -267,6 +270,22 @@ class RunContext:
             result: ChatResult = await self.model.chat(messages, p)
         except asyncio.CancelledError:
             raise
+        except ModelUnavailableError as e:
+            self._unavailable += 1
+            if self._unavailable >= self.max_unavailable:
+                raise ModelUnavailableError(
+                    f"{e}; {self._unavailable} model calls in a row could not reach the "
+                    "server, so the run stops (finished questions are kept: fix the server and "
+                    "run the same command again to resume)"
+                ) from None
+            log.warning("model call (%s) failed: %s", purpose, e)
+            return ModelCall(
+                purpose=purpose,
+                messages=messages,
+                output="",
+                seconds=time.perf_counter() - t0,
+                error=f"{type(e).__name__}: {_error_text(e)}",
+            )
         except Exception as e:
             log.warning("model call (%s) failed: %s", purpose, e)
             return ModelCall(
@@ -276,6 +295,7 @@ class RunContext:
                 seconds=time.perf_counter() - t0,
                 error=f"{type(e).__name__}: {_error_text(e)}",
             )
+        self._unavailable = 0
         seconds = time.perf_counter() - t0
         if self.cache is not None and key is not None:
             self.cache.put_chat(key, result.model_copy(update={"seconds": seconds}))

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kbrouter.errors import ConfigError, ModelError
+from kbrouter.errors import ConfigError, ModelError, ModelUnavailableError
 from kbrouter.models._messages import IMAGE_NOTE, openai_messages
 from kbrouter.models.base import ChatModel
 from kbrouter.types import ChatMessage, ChatResult, SamplingParams
@@ -192,7 +192,7 @@ class OpenAICompatibleModel(ChatModel):
                         delay,
                     )
                     await asyncio.sleep(delay)
-        raise ModelError(
+        raise ModelUnavailableError(
             f"model server {self.url} failed after {attempts} attempt(s): {last_cause}"
         )
 
