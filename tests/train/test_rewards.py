@@ -179,3 +179,30 @@ def test_target_json_round_trip() -> None:
     assert decode_target("ans", encode_target(["x", "y"])) == ["x", "y"]
     assert decode_target("ans", encode_target("sub")) == "sub"
     assert json.loads(encode_target(RouteTarget())) == {"query": None, "retrievers": []}
+
+
+def test_targets_naming_kbs_unknown_to_the_rewarder_are_a_clear_error():
+    """Without the right --kbs, custom KB names would score zero routing reward silently."""
+    from kbrouter.errors import ConfigError
+    from kbrouter.train.config import StepGRPOConfig
+    from kbrouter.train.step_grpo import train_step_grpo
+    from kbrouter.train.steps import StepSample
+    from kbrouter.types import ChatMessage
+
+    def sample(kbs: list[str]) -> StepSample:
+        return StepSample(
+            step_type="ret",
+            messages=[ChatMessage(role="user", content="q")],
+            target=RouteTarget(query="q", retrievers=kbs),
+            trajectory_id="t",
+        )
+
+    custom = KBNames([KBInfo(name="passages", description="d", modality=Modality.TEXT)])
+    custom.check_targets([sample(["Passages"]), sample([])])  # known (any spelling) and stop
+    with pytest.raises(
+        ConfigError, match=r"'Text Retriever' \(1x\), 'text_retriever' \(1x\).*--kbs"
+    ):
+        custom.check_targets([sample(["Text Retriever"]), sample(["text_retriever"])])
+    KBNames().check_targets([sample(["Text Retriever"])])  # the paper's names by default
+    with pytest.raises(ConfigError, match="does not know: 'passages'"):
+        train_step_grpo([sample(["passages"])], StepGRPOConfig(model="unused", output_dir="unused"))

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from kbrouter.eval.metrics import f1_recall
-from kbrouter.types import Evidence, Trajectory
+from kbrouter.types import Evidence, Trajectory, kb_key
 
 __all__ = [
     "STAGES",
@@ -104,10 +104,6 @@ def evidence_doc_id(ev: Evidence | dict[str, Any]) -> str:
     return str(doc) if doc else eid.split("#", 1)[0]
 
 
-def _norm(name: str) -> str:
-    return name.strip().lower()
-
-
 def attribute(
     traj: Trajectory,
     golds: Sequence[str],
@@ -152,7 +148,7 @@ def attribute(
     for step in traj.steps:
         if not step.retrievals:
             continue
-        kbs = {_norm(r.kb) for r in step.retrievals}
+        kbs = {kb_key(r.kb) for r in step.retrievals}
         shown = {
             evidence_doc_id(ev)
             for r in step.retrievals
@@ -164,7 +160,7 @@ def attribute(
         evidence = None  # not one id per hop: cannot be matched hop by hop
     n = len(gold_kbs)
     pos = 0
-    for i, kb in enumerate(map(_norm, gold_kbs)):
+    for i, kb in enumerate(map(kb_key, gold_kbs)):
         hop = i + 1
         gid = evidence[i] if evidence is not None else None
         if gid is not None:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kbrouter.errors import DatasetError
 from kbrouter.files import iter_jsonl
 from kbrouter.kb.base import KBInfo
-from kbrouter.types import Question
+from kbrouter.types import Question, kb_key
 
 logger = logging.getLogger(__name__)
 
@@ -162,19 +162,15 @@ class EvalDataset:
         return self
 
 
-def _norm(name: str) -> str:
-    return " ".join(name.lower().split())
-
-
 def kb_name_mapping(kbs: Sequence[KBInfo], names: set[str] | Sequence[str]) -> dict[str, str]:
     """``{gold name: configured KB name}`` for the given gold names (see ``with_kb_names``)."""
-    by_name = {_norm(n): kb.name for kb in kbs for n in [kb.name, *kb.aliases]}
+    by_name = {kb_key(n): kb.name for kb in kbs for n in [kb.name, *kb.aliases]}
     mapping: dict[str, str] = {}
     for name in sorted(names):
-        if _norm(name) in by_name:
-            mapping[name] = by_name[_norm(name)]
+        if kb_key(name) in by_name:
+            mapping[name] = by_name[kb_key(name)]
             continue
-        same_kind = [kb.name for kb in kbs if kb.modality.value == _norm(name)]
+        same_kind = [kb.name for kb in kbs if kb.modality.value == kb_key(name)]
         if len(same_kind) == 1:
             mapping[name] = same_kind[0]
         else:

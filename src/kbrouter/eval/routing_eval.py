@@ -40,7 +40,7 @@ from kbrouter.policies.prompts import Hop, PromptBuilder
 from kbrouter.routing.data import RouteSample
 from kbrouter.routing.metrics import routing_scores
 from kbrouter.routing.router import LearnedRouter, RouterConfig, fit_router
-from kbrouter.types import NONE_LABEL, Question, RouteDistribution, SamplingParams
+from kbrouter.types import NONE_LABEL, Question, RouteDistribution, SamplingParams, kb_key
 
 __all__ = [
     "INVALID_LABEL",
@@ -164,12 +164,12 @@ async def predict_llm_router(
     """
     prompts = PromptBuilder(kbs, supports_images=model.supports_images, few_shot=few_shot)
     labels = [*(kb.name for kb in kbs), NONE_LABEL]
-    by_name = {n.lower(): kb.name for kb in kbs for n in [kb.name, *kb.aliases]}
+    by_name = {kb_key(n): kb.name for kb in kbs for n in [kb.name, *kb.aliases]}
 
     def resolve(name: str) -> str:
         from kbrouter.errors import UnknownKBError
 
-        key = " ".join(name.lower().split())
+        key = kb_key(name)
         if key not in by_name:
             raise UnknownKBError(name, [kb.name for kb in kbs])
         return by_name[key]

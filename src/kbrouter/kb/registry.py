@@ -42,7 +42,7 @@ from kbrouter.kb.manifest import (
     staleness,
 )
 from kbrouter.kb.text import BuildProgress, BuildResult, IndexedKB, TextKB
-from kbrouter.types import Evidence, Query
+from kbrouter.types import Evidence, Query, kb_key
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,6 @@ def kb_class(cfg: Any) -> type[IndexedKB]:
     if isinstance(cfg, TableKBConfig):
         return TableKB
     return TextKB
-
-
-def normalize_kb_name(name: str) -> str:
-    """Case- and whitespace-insensitive key: ``"Text  Retriever"`` -> ``"textretriever"``."""
-    return "".join(str(name).split()).lower()
 
 
 def _dir_name(name: str) -> str:
@@ -180,7 +175,7 @@ class KBRegistry:
         self._keys: dict[str, str] = {}
         for kb in config.kb:
             for n in [kb.name, *kb.aliases]:
-                key = normalize_kb_name(n)
+                key = kb_key(n)
                 other = self._keys.get(key)
                 if other is not None and other != kb.name:
                     from kbrouter.errors import ConfigError
@@ -220,7 +215,7 @@ class KBRegistry:
 
     def resolve(self, name: str) -> str:
         """The canonical KB name for a name or alias (case and spaces ignored)."""
-        key = normalize_kb_name(name)
+        key = kb_key(name)
         if key in self._keys:
             return self._keys[key]
         known = [n for kb in self.config.kb for n in [kb.name, *kb.aliases]]

@@ -22,15 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import UnknownKBError
 from kbrouter.kb.base import KBInfo
-from kbrouter.types import NONE_LABEL, Modality, RouteState
+from kbrouter.types import NONE_LABEL, Modality, RouteState, kb_key
 
 __all__ = ["LabelResolver", "RouteSample", "gold_path_samples", "samples_hash"]
 
 _PAPER_NAMES = {
-    "text retriever": Modality.TEXT,
-    "table retriever": Modality.TABLE,
-    "text image retriever": Modality.IMAGE,
-    "image retriever": Modality.IMAGE,
+    kb_key("Text Retriever"): Modality.TEXT,
+    kb_key("Table Retriever"): Modality.TABLE,
+    kb_key("Text Image Retriever"): Modality.IMAGE,
+    kb_key("Image Retriever"): Modality.IMAGE,
 }
 
 
@@ -51,10 +51,6 @@ class RouteSample(BaseModel):
     )
 
 
-def _norm(name: str) -> str:
-    return " ".join(str(name).lower().replace("_", " ").split())
-
-
 class LabelResolver:
     """Maps KB names as data spell them to the configured KB names (or ``none``)."""
 
@@ -63,7 +59,7 @@ class LabelResolver:
             raise ValueError("a LabelResolver needs at least one configured KB")
         self.kbs = list(kbs)
         self.names = [kb.name for kb in self.kbs]
-        self._by_name = {_norm(n): kb.name for kb in self.kbs for n in [kb.name, *kb.aliases]}
+        self._by_name = {kb_key(n): kb.name for kb in self.kbs for n in [kb.name, *kb.aliases]}
         by_modality: dict[Modality, list[str]] = {}
         for kb in self.kbs:
             by_modality.setdefault(kb.modality, []).append(kb.name)
@@ -75,7 +71,7 @@ class LabelResolver:
         return [*self.names, NONE_LABEL]
 
     def __call__(self, name: str) -> str:
-        key = _norm(name)
+        key = kb_key(name)
         if key in ("", NONE_LABEL, "none."):
             return NONE_LABEL
         if key in self._by_name:

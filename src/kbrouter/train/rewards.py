@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kbrouter.errors import ModelOutputError, UnknownKBError
+from kbrouter.errors import ConfigError, ModelOutputError, UnknownKBError
 from kbrouter.train.steps import RouteTarget, StepSample
+from kbrouter.types import kb_key
 
 if TYPE_CHECKING:
     from kbrouter.encoders.base import TextEncoder
@@ -117,10 +117,6 @@ class RewardConfig(BaseModel):
 # --------------------------------------------------------------------------- KB names
 
 
-def _norm_name(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().casefold()).strip()
-
-
 class KBNames:
     """Alias-normalised KB names: maps any accepted spelling to the canonical name.
 
@@ -139,23 +135,40 @@ class KBNames:
             items = [(info.name, list(info.aliases)) for info in kbs]
         for canonical, aliases in items:
             for n in [canonical, *aliases]:
-                table.setdefault(_norm_name(n), canonical)
+                table.setdefault(kb_key(n), canonical)
         self._table = table
         self.names = [c for c, _ in items]
 
     def resolve(self, name: str) -> str:
         """Canonical name; raises :class:`~kbrouter.errors.UnknownKBError`."""
         try:
-            return self._table[_norm_name(name)]
+            return self._table[kb_key(name)]
         except KeyError:
             raise UnknownKBError(name, self.names) from None
+
+    def check_targets(self, samples: Iterable[StepSample]) -> None:
+        """Raise :class:`~kbrouter.errors.ConfigError` when router targets name KBs these names
+        do not know: their routing rewards would silently be zero."""
+        unknown: dict[str, int] = {}
+        for s in samples:
+            target = s.target
+            if isinstance(target, RouteTarget):
+                for k in target.retrievers:
+                    if kb_key(k) not in self._table:
+                        unknown[k] = unknown.get(k, 0) + 1
+        if unknown:
+            names = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(unknown.items()))
+            raise ConfigError(
+                f"training targets name KBs the rewarder does not know: {names}; it knows "
+                f"{self.names}. Pass the kbs.toml the data was made for (--kbs), or fix the data"
+            )
 
     def resolve_lenient(self, name: str) -> str:
         """Canonical name, or the normalised spelling for an unknown name (for targets)."""
         try:
             return self.resolve(name)
         except UnknownKBError:
-            return _norm_name(name)
+            return kb_key(name)
 
 
 # --------------------------------------------------------------------------- pure terms

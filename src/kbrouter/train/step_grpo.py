@@ -117,6 +117,7 @@ def train_step_grpo(
     """
     rewarder = rewarder or StepRewarder(config.rewards, kb_names=kb_names, encoder=encoder)
     chosen = select_kinds(samples, config.step_kinds)
+    rewarder.kb_names.check_targets(chosen)
     logger.info(
         "Step-GRPO on %d step samples: %s", len(chosen), dict(Counter(s.kind for s in chosen))
     )
