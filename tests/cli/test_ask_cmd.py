@@ -119,3 +119,26 @@ def test_live_trace_run_prints_notes_and_answer(lexical_config: Path, fake_serve
     assert "answer" in result.stdout and "echo:" in result.stdout
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.stdout)
+
+
+def test_replay_through_the_cli_keys_on_the_model_not_the_server_url(
+    lexical_config: Path, tmp_path: Path
+):
+    """`ask --cache-dir` twice: the second run replays every call, even with the model served
+    from another URL that is down (the cache keys on model identity, not the server address)."""
+    from chat_server import ChatServer
+
+    cache = tmp_path / "cache"
+    args = ["ask", "What is the capital of Peru?", "--kbs", str(lexical_config), "--json"]
+    with ChatServer() as server:
+        first = runner.invoke(
+            app, [*args, "-m", f"openai:fake@{server.base_url}", "--cache-dir", str(cache)]
+        )
+    assert first.exit_code == 0, _out(first)
+    dead = "http://127.0.0.1:9/v1"  # nothing listens there
+    second = runner.invoke(app, [*args, "-m", f"openai:fake@{dead}", "--cache-dir", str(cache)])
+    assert second.exit_code == 0, _out(second)
+    a = Trajectory.model_validate_json(first.stdout)
+    b = Trajectory.model_validate_json(second.stdout)
+    assert b.answer == a.answer and all(c.cached for c in b.model_calls())
+    assert not any(c.cached for c in a.model_calls())

@@ -296,3 +296,19 @@ def test_a_dead_model_server_stops_the_eval_with_one_clear_error(dataset, tmp_pa
     assert f"{url}/chat/completions" in str(err.value)
     lines = load_results(tmp_path / "dead")
     assert len(lines) == 2 and all(r["error"] for r in lines)  # then it stopped
+
+
+def test_resuming_with_another_dataset_file_or_model_is_refused(dataset, tmp_path):
+    """The run fingerprint covers content: the dataset file's sha256 and the model identity."""
+    out = tmp_path / "run"
+    _run(dataset, out, limit=2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["identity"]["model"] == {"backend": "ScriptedChatModel", "name": "scripted"}
+    assert len(config["identity"]["dataset_sha256"]) == 64
+    other = ScriptedChatModel(_answer, name="other-model")
+    with pytest.raises(ConfigError, match="different model"):
+        _run(dataset, out, limit=3, model=other)
+    path = Path(dataset.split(":", 1)[1])
+    path.write_text(path.read_text().replace("Paris", "Lyon"))
+    with pytest.raises(ConfigError, match="different dataset file.*would mix two runs"):
+        _run(dataset, out, limit=3)

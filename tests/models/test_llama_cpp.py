@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 
@@ -100,3 +101,22 @@ def test_prompt_switches_restore_kv_state_exactly(model: LlamaCppModel):
         assert _chat(model, messages=a).text == first.text
     finally:
         model.config.cache_bytes = budget
+
+
+def test_identity_is_the_gguf_content_not_its_path_or_threads(tmp_path):
+    """The replay cache and resume checks key on this: a copy elsewhere (another machine) with
+    another thread count is the same model; changed weights are not."""
+    from kbrouter.models.llama_cpp import LlamaCppModel
+
+    a = tmp_path / "a" / "m.gguf"
+    b = tmp_path / "b" / "copy.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(b"GGUF" + b"\x00" * 1000)
+    ida = LlamaCppModel(a, n_threads=1).identity()
+    assert ida == LlamaCppModel(b, n_threads=2).identity()
+    assert "path" not in str(ida) and "threads" not in str(ida)
+    assert ida["gguf_sha256"] == hashlib.sha256(a.read_bytes()).hexdigest()
+    b.write_bytes(b"GGUF" + b"\x01" * 1000)
+    assert LlamaCppModel(b).identity() != ida
+    assert LlamaCppModel(a, n_ctx=1024).identity() != ida  # context size changes outputs

@@ -1,11 +1,13 @@
 """The replay cache: model calls and retrievals keyed by their exact inputs, on disk.
 
 Keys are the sha256 of the canonical JSON (sorted keys, no spaces) of everything that
-determines the result: for a model call the model's name and description, the messages (image
-parts by file content hash) and the effective sampling parameters; for a retrieval the KB name,
-its index manifest id (when the KB exposes a manifest), the query (image by content hash) and
-``k``. Values are the JSON of the :class:`~kbrouter.types.ChatResult` / evidence list. Failed
-calls are never stored, so a re-run retries them.
+determines the result: for a model call the model's content identity (``ChatModel.identity``: a
+GGUF's or checkpoint's sha256 and the settings that change outputs, never a path or a thread
+count), the messages (image parts by file content hash) and the effective sampling parameters;
+for a retrieval the KB name, its index manifest id (when the KB exposes a manifest), the query
+(image by content hash) and ``k``. Values are the JSON of the
+:class:`~kbrouter.types.ChatResult` / evidence list. Failed calls are never stored, so a re-run
+retries them.
 
 Storage is one SQLite file (``cache.sqlite`` in the cache dir, WAL mode) so concurrent runs can
 share it. Re-running the same questions with the same cache replays every call: identical

@@ -212,7 +212,7 @@ class RunContext:
         self._unavailable = 0  # model calls in a row that could not reach the server
         self.in_flight = 0
         self.infos = list(kbs.infos)
-        self._model_desc = {"name": model.name, **_safe_describe(model)}
+        self._model_id = _safe_identity(model)
         self._hasher = FileHasher()
         self._batchers: dict[str, KBBatcher] = {}
         self._manifests: dict[str, str | None] = {}
@@ -253,7 +253,7 @@ class RunContext:
             p = p.model_copy(update={"grammar": None})
         key = None
         if self.cache is not None:
-            key = chat_key(self._model_desc, messages, p, self._hasher)
+            key = chat_key(self._model_id, messages, p, self._hasher)
             hit = self.cache.get_chat(key)
             if hit is not None:
                 return ModelCall(
@@ -375,11 +375,13 @@ class RunContext:
             await b.aclose()
 
 
-def _safe_describe(model: ChatModel) -> dict[str, Any]:
+def _safe_identity(model: ChatModel) -> dict[str, Any]:
+    """The model's content identity (the replay cache key's model part)."""
     try:
-        return dict(model.describe())
-    except Exception:
-        return {}
+        return dict(model.identity())
+    except Exception as e:  # an identity that cannot be computed must not stop a run
+        log.warning("model identity unavailable (%s); keying the cache on the name", e)
+        return {"backend": type(model).__name__, "name": model.name}
 
 
 class QuestionRuntime:

@@ -263,7 +263,7 @@ _OWN_KEYS = ("run", "kbrouter_version", "libraries", "git", "written_at")
 
 
 def _check_or_write_config(
-    out_dir: Path, cfg: EvalRunConfig, extra: dict[str, Any]
+    out_dir: Path, cfg: EvalRunConfig, extra: dict[str, Any], identity: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     path = out_dir / CONFIG_FILE
     old: dict[str, Any] = {}
@@ -281,6 +281,7 @@ def _check_or_write_config(
                 f"results directory {out_dir} holds a different run ({detail}); "
                 "use another --out or delete it"
             )
+        _check_identity(out_dir, old.get("identity"), identity or {})
     from kbrouter import __version__
 
     # facts of the stored run (e.g. model_info) survive a resume that loads no model
@@ -293,9 +294,50 @@ def _check_or_write_config(
         "git": _git_revision(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **{k: v for k, v in extra.items() if v is not None or k not in kept},
+        "identity": {**(old.get("identity") or {}), **(identity or {})},
     }
     _atomic_write_json(path, data)
     return data
+
+
+def _check_identity(out_dir: Path, stored: Any, now: dict[str, Any]) -> None:
+    """A resume must be the same model, dataset file and KB indexes, by content."""
+    if not isinstance(stored, dict):
+        if now:
+            log.warning(
+                "%s was written by an older kbrouter without identity facts: the model, dataset "
+                "and indexes of the stored run cannot be checked against this one",
+                out_dir,
+            )
+        return
+    what = {"model": "model", "dataset_sha256": "dataset file", "kb_indexes": "KB indexes"}
+    diff = [k for k in now if k in stored and stored[k] != now[k]]
+    if diff:
+        detail = "; ".join(f"{what.get(k, k)}: stored {stored[k]!r}, now {now[k]!r}" for k in diff)
+        raise ConfigError(
+            f"results directory {out_dir} was written with a different {what.get(diff[0])} "
+            f"({detail}); resuming would mix two runs: use another --out or delete it"
+        )
+
+
+def _run_identity(
+    ds: EvalDataset, model: ChatModel | None, registry: KBSource, retrieves: bool
+) -> dict[str, Any]:
+    """Content identity of what a run answers with (compared on resume)."""
+    from kbrouter.engine.cache import manifest_id
+    from kbrouter.files import file_sha256
+
+    out: dict[str, Any] = {}
+    if ds.path is not None and Path(ds.path).is_file():
+        out["dataset_sha256"] = file_sha256(ds.path)
+    if model is not None:
+        try:
+            out["model"] = dict(model.identity())
+        except Exception as e:  # noqa: BLE001 - cannot tell: not checked
+            log.warning("model identity unavailable: %s", e)
+    if retrieves:
+        out["kb_indexes"] = {i.name: manifest_id(registry.get(i.name)) for i in registry.infos}
+    return out
 
 
 # --------------------------------------------------------------------------- summary
@@ -511,6 +553,7 @@ def run_eval(
             "kbs_info": [i.model_dump(mode="json") for i in registry.infos],
             "selected": len(selected),
         },
+        _run_identity(ds, model, registry, bool(todo and retrieves)),
     )
     log.info(
         "%s on %s: %d selected, %d already done, %d to run",

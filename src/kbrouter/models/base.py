@@ -36,6 +36,13 @@ class ChatModel(ABC):
         """Config facts recorded in trajectories and results directories."""
         return {"backend": type(self).__name__, "name": self.name}
 
+    def identity(self) -> dict:
+        """What determines this model's outputs, by content where the backend can tell (a
+        GGUF's or checkpoint's sha256) plus the settings that change outputs, and nothing
+        machine-specific (paths, thread counts). The replay cache keys on it and an eval's
+        resume check compares it. Default: the backend and the model name."""
+        return {"backend": type(self).__name__, "name": self.name}
+
 
 class PerLoopLock:
     """One :class:`asyncio.Lock` per running event loop.

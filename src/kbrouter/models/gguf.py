@@ -234,6 +234,27 @@ def _sidecar(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
 
 
+def gguf_sha256(path: str | Path) -> str:
+    """The sha256 of a (GGUF) file, remembered in a ``<file>.sha256`` sidecar next to it when
+    the folder is writable, so only the first call hashes hundreds of MB."""
+    target = Path(path)
+    try:
+        meta = json.loads(_sidecar(target).read_text())
+        st = target.stat()
+        if (
+            isinstance(meta, dict)
+            and meta.get("size") == st.st_size
+            and meta.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(meta.get("sha256"), str)
+        ):
+            return meta["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = _sha256_file(target)
+    _write_sidecar(target, digest)
+    return digest
+
+
 def _sidecar_ok(target: Path, expected: str | None) -> bool:
     try:
         meta = json.loads(_sidecar(target).read_text())

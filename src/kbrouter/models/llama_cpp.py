@@ -173,6 +173,7 @@ class LlamaCppModel(ChatModel):
             raise ConfigError("pass either config= or individual settings, not both")
         self.config = config
         self.model_path = resolve_gguf(model)
+        self._identity: dict | None = None
         self.name = self.model_path.stem
         self.context_window = config.n_ctx
         self._llm: Any = None
@@ -219,6 +220,18 @@ class LlamaCppModel(ChatModel):
             "prefix_cache": cfg.prefix_cache,
             "extra_buffer_types": cfg.extra_buffer_types,
         }
+
+    def identity(self) -> dict:
+        """The GGUF's sha256 and the context size; not its path or the thread count."""
+        if self._identity is None:
+            from kbrouter.models.gguf import gguf_sha256
+
+            self._identity = {
+                "backend": "llama.cpp",
+                "gguf_sha256": gguf_sha256(self.model_path),
+                "n_ctx": self.config.n_ctx,
+            }
+        return dict(self._identity)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in this model's vocabulary (no special tokens added)."""

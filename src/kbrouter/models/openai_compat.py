@@ -217,6 +217,17 @@ class OpenAICompatibleModel(ChatModel):
             "max_retries": cfg.max_retries,
         }
 
+    def identity(self) -> dict:
+        """The served model's name and whether images are sent; not the URL (the same model
+        served elsewhere replays) nor timeouts and retries."""
+        cfg = self.config
+        return {
+            "backend": "openai",
+            "name": self.name,
+            "vision": cfg.vision,
+            "grammar_mode": cfg.grammar_mode,
+        }
+
     # ------------------------------------------------------------------ internals
 
     def _ensure_client(self) -> tuple[Any, asyncio.Semaphore]:

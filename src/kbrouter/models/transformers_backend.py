@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import ConfigError, ModelError
+from kbrouter.files import file_sha256
 from kbrouter.models._messages import IMAGE_NOTE, image_bytes, message_text
 from kbrouter.models.base import ChatModel, PerLoopLock
 from kbrouter.types import ChatMessage, ChatResult, ImagePart, SamplingParams
@@ -85,6 +86,7 @@ class TransformersModel(ChatModel):
         self.name = path.name if path.exists() else str(model)
         self.supports_images = bool(config.vision)
         self.context_window = config.context_window
+        self._identity: dict | None = None
         self._model: Any = None
         self._tokenizer: Any = None
         self._processor: Any = None
@@ -123,6 +125,18 @@ class TransformersModel(ChatModel):
             "device": cfg.device,
             "vision": self.supports_images,
         }
+
+    def identity(self) -> dict:
+        """A local checkpoint by the sha256 of its weight and config files (hashed once per
+        process), a hub model by its id; plus dtype and vision, which change outputs."""
+        if self._identity is None:
+            self._identity = {
+                "backend": "transformers",
+                "weights": _weights_digest(Path(self.source), self.config.gguf_file) or self.source,
+                "dtype": self.config.dtype,
+                "vision": self.supports_images,
+            }
+        return dict(self._identity)
 
     def format_prompt(self, messages: list[ChatMessage]) -> str:
         """The exact prompt text the model sees (chat template applied, images as placeholders)."""
@@ -291,3 +305,22 @@ class TransformersModel(ChatModel):
             elif isinstance(value, list):
                 ids.update(v for v in value if isinstance(v, int))
         return ids
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".json", ".model", ".txt")
+
+
+def _weights_digest(folder: Path, gguf_file: str | None) -> str | None:
+    """sha256 over a local checkpoint's weight, config and tokenizer files (None: not local)."""
+    import hashlib
+
+    from kbrouter.models.gguf import gguf_sha256
+
+    if not folder.is_dir():
+        return None
+    if gguf_file:
+        return gguf_sha256(folder / gguf_file)
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        h.update(f.name.encode("utf-8") + b"\0" + file_sha256(f).encode("ascii") + b"\n")
+    return h.hexdigest()
