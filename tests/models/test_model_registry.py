@@ -70,3 +70,37 @@ def test_transformers_spec():
     model = load_model("transformers:HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32")
     assert isinstance(model, TransformersModel)
     assert model.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_spec_settings_after_semicolons(tmp_path):
+    """`<spec>;key=value;...` settings go to the backend (JSON values), kwargs win, bad ones are
+    clear errors."""
+    from kbrouter.models.llama_cpp import LlamaCppModel
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+    model = load_model(f"llama-cpp:{gguf};n_ctx=1024;n_threads=1")
+    assert isinstance(model, LlamaCppModel) and model.config.n_ctx == 1024
+    assert load_model(f"llama-cpp:{gguf};n_ctx=1024", n_ctx=2048).config.n_ctx == 2048
+    model = load_model("openai:m@http://gpu:8000/v1;grammar_mode=vllm;vision=true")
+    assert model.config.grammar_mode == "vllm" and model.supports_images
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_model("openai:m@http://gpu:8000/v1;vision")
+    with pytest.raises(ConfigError, match="nope"):
+        load_model("openai:m@http://gpu:8000/v1;nope=1")
+
+
+def test_a_local_vision_checkpoint_is_known_before_loading(tmp_path):
+    """A transformers VLM is detected from its config.json at construction, so the first
+    question is already prompted with its image."""
+    import json
+
+    from kbrouter.models.transformers_backend import TransformersModel
+
+    vlm, text = tmp_path / "vlm", tmp_path / "text"
+    for folder, cfg in [(vlm, {"vision_config": {"depth": 2}}), (text, {"hidden_size": 8})]:
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+    assert TransformersModel(vlm).supports_images
+    assert not TransformersModel(text).supports_images
+    assert not TransformersModel(vlm, vision=False).supports_images

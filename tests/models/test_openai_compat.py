@@ -213,3 +213,16 @@ def test_bad_base_url_is_config_error():
     """A base URL that is not http(s) is rejected at construction."""
     with pytest.raises(ConfigError, match="ftp://x"):
         resolve_base_url("ftp://x")
+
+
+def test_a_spec_carries_backend_settings_so_the_cli_can_send_images(fake: ChatServer, image: Path):
+    """`--model 'openai:<m>@<url>;vision=true'`: the spec's settings reach the backend, and the
+    vision request carries the image."""
+    from kbrouter.models.registry import load_model
+
+    model = load_model(f"openai:fake-vlm@{fake.base_url};vision=true;max_retries=0", api_key="k")
+    assert model.supports_images and model.config.max_retries == 0
+    msg = ChatMessage(role="user", content=[ImagePart(path=image), TextPart(text="Which flag?")])
+    asyncio.run(model.chat([msg]))
+    parts = fake.requests[-1]["messages"][0]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:")

@@ -20,7 +20,7 @@ def ask(
         "--model",
         "-m",
         help="Chat backend spec: llama-cpp[:preset|path.gguf], openai:<model>@<url>, "
-        "transformers:<path>.",
+        "transformers:<path>; backend settings after ';', e.g. 'openai:m@url;vision=true'.",
     ),
     max_steps: int = typer.Option(3, "--max-steps", min=0, help="Retrieval-step budget."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Evidence items per KB shown."),

@@ -18,12 +18,15 @@ Spec forms:
     A Hugging Face chat model (local checkpoint dir, hub id, or a ``.gguf`` file) run in-process
     with transformers; vision-language models get the image.
 
-Keyword arguments are passed to the backend's constructor (e.g. ``vision=True``,
-``n_ctx=8192``, ``grammar_mode="vllm"``).
+Backend settings ride along after ``;`` as ``key=value`` pairs (values are JSON when they parse,
+else text), so the CLI can reach them, e.g. ``openai:Qwen/Qwen2.5-VL-7B-Instruct@http://gpu:8000/v1;
+vision=true;grammar_mode=vllm`` or ``llama-cpp:qwen2.5-coder-1.5b;n_ctx=8192``. Keyword arguments
+of :func:`load_model` are passed to the backend's constructor too and win over the spec's.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kbrouter.errors import ConfigError
@@ -38,8 +41,27 @@ SPEC_FORMS = (
 )
 
 
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"<kind>:<arg>;key=value;..."`` -> (``"<kind>:<arg>"``, settings)."""
+    base, *items = spec.split(";")
+    options: dict[str, Any] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"model spec {spec!r}: setting {item!r} is not key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return base.strip(), options
+
+
 def load_model(spec: str, **kw: Any) -> ChatModel:
     """Instantiate the chat backend described by ``spec`` (see the module docstring)."""
+    spec, options = split_spec(spec)
+    kw = {**options, **kw}
     kind, _, arg = spec.strip().partition(":")
     kind = kind.strip().lower().replace("_", "-")
     arg = arg.strip()

@@ -84,7 +84,10 @@ class TransformersModel(ChatModel):
             self.source = str(path) if path.exists() else str(model)
         self.config = config
         self.name = path.name if path.exists() else str(model)
-        self.supports_images = bool(config.vision)
+        # Known before the first question is prompted (prompts differ for vision models): a
+        # local checkpoint's config.json tells; otherwise it is detected when weights load.
+        vision = config.vision if config.vision is not None else _local_vision(Path(self.source))
+        self.supports_images = bool(vision)
         self.context_window = config.context_window
         self._identity: dict | None = None
         self._model: Any = None
@@ -324,3 +327,15 @@ def _weights_digest(folder: Path, gguf_file: str | None) -> str | None:
     for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
         h.update(f.name.encode("utf-8") + b"\0" + file_sha256(f).encode("ascii") + b"\n")
     return h.hexdigest()
+
+
+def _local_vision(folder: Path) -> bool | None:
+    """Whether a local checkpoint is a vision-language model (its config has a
+    ``vision_config``); None when there is no readable local config.json."""
+    import json
+
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return isinstance(data, dict) and data.get("vision_config") is not None
