@@ -63,11 +63,28 @@ def test_a_reply_without_sql_or_a_failing_query_falls_back_to_the_rows():
         ("<sql>SELECT * FROM read_csv('/etc/passwd')</sql>", "disabled"),
         ('<sql>SELECT "Winner" FROM t WHERE "Year" > 2000</sql>', "returned nothing"),
     ]:
-        traj = _run("single-kb:table", [reply, "<answer>1</answer>"], table_reader="sql")
+        traj = _run(
+            "single-kb:table",
+            [reply, "<answer>1</answer>"],
+            table_reader="sql",
+            sql_reader={"retries": 0},
+        )
         note = next(n for n in traj.steps[0].notes if n.startswith("table reader:"))
         assert why in note and note.endswith("reading the rows instead")
         final_prompt = traj.final_call.messages[-1].text()
         assert "1993 | Team A" in final_prompt and "Result of the SQL" not in final_prompt
+
+
+def test_a_failed_query_is_corrected_once_with_the_error():
+    bad = "<sql>SELECT COUNT(*) FROM t WHERE Champion = 'Team A'</sql>"
+    traj = _run("single-kb:table", [bad, SQL, "<answer>3</answer>"], table_reader="sql")
+    assert [c.purpose for c in traj.model_calls()] == ["read", "read", "final"]
+    retry = traj.steps[0].read_calls[1].messages
+    assert retry[-2].content == bad and "That query failed" in retry[-1].text()
+    assert "Binder Error" in retry[-1].text() and "Champion" in retry[-1].text()
+    notes = [n for n in traj.steps[0].notes if n.startswith("table reader:")]
+    assert "asking for a corrected query" in notes[0] and "-> 1 row(s)" in notes[1]
+    assert "wins\n3" in traj.final_call.messages[-1].text()
 
 
 def test_rows_reader_is_the_default_and_makes_no_extra_call():

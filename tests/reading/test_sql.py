@@ -11,6 +11,7 @@ from kbrouter.reading.sql import (
     SQLError,
     SQLReaderConfig,
     extract_sql,
+    quote_columns,
     run_sql,
     schema_text,
     sql_messages,
@@ -116,3 +117,14 @@ def test_extract_sql_from_tags_fences_and_bare_replies():
     )
     with pytest.raises(SQLError, match="no SQL query"):
         extract_sql("I do not know.")
+
+
+def test_bare_multi_word_column_names_are_quoted(buses: Table):
+    """`WHERE Fare Type = 'Local'` (a small model's usual mistake) runs as `"Fare Type"`; string
+    literals and already quoted names are left alone."""
+    local = sum(1 for r in buses.rows if r[2] == "Local")
+    rows = run_sql([buses], "SELECT COUNT(*) FROM t WHERE fare type = 'Local'").table.rows
+    assert rows == [[str(local)]]
+    assert quote_columns("SELECT 'Fare Type', \"Fare Type\" FROM t", [buses]) == (
+        "SELECT 'Fare Type', \"Fare Type\" FROM t"
+    )

@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Literal
 
 from kbrouter.errors import KBRouterError
 from kbrouter.reading.sql import SQLError, SQLReaderConfig, extract_sql, run_sql, sql_messages
-from kbrouter.types import Evidence, Modality, Query, Question, SamplingParams, Step, Table
+from kbrouter.types import (
+    ChatMessage,
+    Evidence,
+    Modality,
+    Query,
+    Question,
+    SamplingParams,
+    Step,
+    Table,
+)
 
 if TYPE_CHECKING:
     from kbrouter.policies.base import Policy, Runtime
@@ -64,21 +73,35 @@ async def read_tables(
     if not tables:
         return evidence
     whole = [await _whole_table(ev, text, rt) for ev in tables]
-    call = await rt.chat(
-        "read", sql_messages(text, whole, config), SamplingParams(max_tokens=config.max_tokens)
-    )
-    step.read_calls.append(call)
     docs = [t.doc_id for t in tables]
-    try:
-        if call.error:
-            raise SQLError(f"the query call failed: {call.error}")
-        sql = extract_sql(call.output)
-        result = await asyncio.to_thread(run_sql, whole, sql, config)
-        if not result.table.rows or not any(c.strip() for r in result.table.rows for c in r):
-            raise SQLError(f"the query {sql!r} returned nothing")
-    except KBRouterError as e:
-        policy._note(rt, question, step, f"table reader: {e}; reading the rows instead")
-        return evidence
+    messages = sql_messages(text, whole, config)
+    params = SamplingParams(max_tokens=config.max_tokens)
+    for attempt in range(config.retries + 1):
+        call = await rt.chat("read", messages, params)
+        step.read_calls.append(call)
+        try:
+            if call.error:
+                raise SQLError(f"the query call failed: {call.error}")
+            sql = extract_sql(call.output)
+            result = await asyncio.to_thread(run_sql, whole, sql, config)
+            if not result.table.rows or not any(c.strip() for r in result.table.rows for c in r):
+                raise SQLError(f"the query {sql!r} returned nothing")
+            break
+        except KBRouterError as e:
+            if call.error or attempt == config.retries:
+                policy._note(rt, question, step, f"table reader: {e}; reading the rows instead")
+                return evidence
+            policy._note(rt, question, step, f"table reader: {e}; asking for a corrected query")
+            messages = [
+                *messages,
+                ChatMessage(role="assistant", content=call.output),
+                ChatMessage(
+                    role="user",
+                    content=f"That query failed: {e}. Write one corrected query for the same "
+                    "question, using only the listed columns in double quotes, inside "
+                    "<sql></sql>.",
+                ),
+            ]
     n = len(result.table.rows)
     policy._note(
         rt,

@@ -31,6 +31,7 @@ __all__ = [
     "SQLReaderConfig",
     "SQLResult",
     "extract_sql",
+    "quote_columns",
     "run_sql",
     "schema_text",
     "sql_messages",
@@ -52,6 +53,9 @@ class SQLReaderConfig(BaseModel):
     max_result_rows: int = Field(20, gt=0, description="Most result rows shown to the model.")
     timeout_seconds: float = Field(2.0, gt=0, description="Wall time limit of one query.")
     max_tokens: int = Field(160, gt=0, description="Token cap of the model's query.")
+    retries: int = Field(
+        1, ge=0, description="Re-asks with the error after a query that fails (self-correction)."
+    )
 
 
 @dataclass
@@ -175,6 +179,29 @@ def extract_sql(text: str) -> str:
     raise SQLError(f"the reply holds no SQL query: {text[:120]!r}")
 
 
+_SIMPLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LITERAL = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")")
+
+
+def quote_columns(sql: str, tables: Sequence[Table]) -> str:
+    """Double-quote column names that need quotes (spaces, punctuation) where a query wrote
+    them bare, outside string literals and quoted names: small models write
+    ``WHERE Preliminary Points > 460`` for the column ``"Preliminary Points"``."""
+    names = sorted(
+        {c for t in tables for c in _columns(t) if not _SIMPLE_NAME.match(c)}, key=len, reverse=True
+    )
+    if not names:
+        return sql
+    pattern = re.compile(
+        r"(?<![\w\"])(" + "|".join(re.escape(n) for n in names) + r")(?![\w\"])", re.I
+    )
+    by_lower = {n.lower(): n for n in names}
+    parts = _LITERAL.split(sql)  # odd indices: literals and quoted names, left alone
+    for i in range(0, len(parts), 2):
+        parts[i] = pattern.sub(lambda m: _quote(by_lower[m.group(1).lower()]), parts[i])
+    return "".join(parts)
+
+
 def _connect(tables: Sequence[Table]):  # -> duckdb.DuckDBPyConnection
     try:
         import duckdb
@@ -223,6 +250,7 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
     import duckdb
 
     cfg = config or SQLReaderConfig()
+    sql = quote_columns(sql, tables)
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
