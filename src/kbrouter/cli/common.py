@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from kbrouter.config import DEMO_CONFIG
 from kbrouter.errors import KBRouterError
+
+__all__ = ["DEMO_CONFIG", "cli_errors", "console", "err_console"]
 
 console = Console()
 err_console = Console(stderr=True)
-
-DEMO_CONFIG = Path(__file__).resolve().parents[3] / "demo" / "kbs.toml"
-"""The repo's demo KBs (used when no --kbs/--config is given in a source checkout)."""
 
 
 @contextlib.contextmanager

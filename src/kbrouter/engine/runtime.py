@@ -26,13 +26,14 @@ from typing import Any, Protocol
 from kbrouter.engine.cache import FileHasher, ReplayCache, chat_key, manifest_id, search_key
 from kbrouter.engine.events import EventCallback, TraceEvent
 from kbrouter.errors import ModelUnavailableError, UnknownKBError
-from kbrouter.kb.base import KBInfo, KnowledgeBase
+from kbrouter.kb.base import KnowledgeBase
 from kbrouter.models.base import ChatModel
 from kbrouter.policies.base import Purpose
 from kbrouter.types import (
     ChatMessage,
     ChatResult,
     Evidence,
+    KBInfo,
     ModelCall,
     Query,
     Question,

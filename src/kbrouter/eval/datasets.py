@@ -42,8 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import DatasetError
 from kbrouter.files import iter_jsonl
-from kbrouter.kb.base import KBInfo
-from kbrouter.types import Question, kb_key
+from kbrouter.types import KBInfo, Question, kb_key
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from kbrouter.kb.base import KBInfo
 from kbrouter.models.base import ChatModel
 from kbrouter.policies.parser import parse_route
 from kbrouter.policies.prompts import Hop, PromptBuilder
 from kbrouter.routing.data import RouteSample
 from kbrouter.routing.metrics import routing_scores
 from kbrouter.routing.router import LearnedRouter, RouterConfig, fit_router
-from kbrouter.types import NONE_LABEL, Question, RouteDistribution, SamplingParams, kb_key
+from kbrouter.types import NONE_LABEL, KBInfo, Question, RouteDistribution, SamplingParams, kb_key
 
 __all__ = [
     "INVALID_LABEL",

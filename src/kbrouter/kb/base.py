@@ -5,20 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict
+from kbrouter.types import Evidence, KBInfo, Modality, Query
 
-from kbrouter.types import Evidence, Modality, Query
-
-
-class KBInfo(BaseModel):
-    """What the router and the CLI know about a KB without opening its index."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    description: str
-    modality: Modality
-    aliases: list[str] = []
+__all__ = ["KBInfo", "KnowledgeBase"]  # KBInfo lives in the shared vocabulary (types.py)
 
 
 class KnowledgeBase(ABC):

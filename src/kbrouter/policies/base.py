@@ -13,22 +13,21 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from kbrouter.kb.base import KBInfo
 from kbrouter.types import (
     ChatMessage,
+    EventKind,
+    KBInfo,
     ModelCall,
     Query,
     Question,
     Retrieval,
     SamplingParams,
     Step,
+    TraceEvent,
     Trajectory,
 )
-
-if TYPE_CHECKING:  # the engine imports this module; import its event type lazily
-    from kbrouter.engine.events import EventKind
 
 Purpose = Literal["route", "sub_answer", "final", "generate", "read"]
 
@@ -122,8 +121,6 @@ class Policy(ABC):
     ) -> None:
         emit = getattr(rt, "emit", None)
         if emit is not None:
-            from kbrouter.engine.events import TraceEvent
-
             emit(
                 TraceEvent(
                     kind=kind, question=question, step=step, trajectory=trajectory, message=message

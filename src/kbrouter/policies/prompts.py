@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-from kbrouter.kb.base import KBInfo
 from kbrouter.policies.parser import format_route
 from kbrouter.types import (
     ChatMessage,
     ContentPart,
     Evidence,
     ImagePart,
+    KBInfo,
     Modality,
     Question,
     RouteAction,

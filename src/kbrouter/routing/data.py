@@ -21,8 +21,7 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import UnknownKBError
-from kbrouter.kb.base import KBInfo
-from kbrouter.types import NONE_LABEL, Modality, RouteState, kb_key
+from kbrouter.types import NONE_LABEL, KBInfo, Modality, RouteState, kb_key
 
 __all__ = ["LabelResolver", "RouteSample", "gold_path_samples", "samples_hash"]
 

@@ -40,8 +40,7 @@ from kbrouter.types import kb_key
 
 if TYPE_CHECKING:
     from kbrouter.encoders.base import TextEncoder
-    from kbrouter.kb.base import KBInfo
-    from kbrouter.types import RouteAction
+    from kbrouter.types import KBInfo, RouteAction
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from kbrouter.errors import DataError, RouterError, UnknownKBError
-from kbrouter.kb.base import KBInfo
 from kbrouter.routing.data import LabelResolver, RouteSample, gold_path_samples
 from kbrouter.routing.router import LearnedRouter, RouterConfig, fit_router
 from kbrouter.train.steps import IMAGE_PLACEHOLDER, StepSample, read_steps
-from kbrouter.types import NONE_LABEL, RouteState
+from kbrouter.types import NONE_LABEL, KBInfo, RouteState
 
 __all__ = [
     "dataset_route_samples",
