@@ -58,13 +58,14 @@ def ask(
 
             open_rgb(image)  # ImageError names the file if it is missing or undecodable
             image = image.resolve()
+        policy = _policy(method, router, min_steps)  # a bad method fails before any work
         registry = _open_registry(kbs, quiet=as_json)
         chat_model = _load_model(model, quiet=as_json)
         trace = None if as_json else _LiveTrace()
         engine = Engine(
             chat_model,
             registry,
-            _policy(method, router, min_steps),
+            policy,
             EngineConfig(
                 max_steps=max_steps,
                 top_k=top_k,

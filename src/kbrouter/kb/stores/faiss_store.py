@@ -248,7 +248,11 @@ class FaissStore(VectorStore):
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:
-            raise IndexError_(f"corrupt FAISS index {index_path}: {e}") from e
+            detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            raise IndexError_(
+                f"corrupt FAISS index {index_path} ({detail}); rebuild with "
+                "`kbrouter index --force`"
+            ) from e
         if index.d != saved_dim or index.ntotal != int(meta.get("count", index.ntotal)):
             raise IndexError_(
                 f"FAISS index {index_path} does not match its metadata "
