@@ -91,3 +91,23 @@ def test_route_grammar_lists_kb_names_and_stop_branch():
     assert 'kb ::= "wiki" | "odd \\"name\\""' in g
     assert "( stop | go )" in g
     assert "( stop | go )" not in route_grammar(["wiki"], allow_stop=False)
+
+
+def test_route_prompt_has_no_copyable_placeholder_before_the_first_hop(demo_kbs):
+    """The 0.5B router copied "(none yet)" as its sub-question; the first turn asks for the
+    first sub-question instead, later turns show the answers found so far."""
+    from kbrouter.policies.prompts import Hop, PromptBuilder
+    from kbrouter.types import Question
+
+    builder = PromptBuilder(demo_kbs.infos, supports_images=False)
+    first = builder.route_messages(Question(text="Q?"), [])[-1].text()
+    assert "none yet" not in first.lower() and "Answers found so far" not in first
+    assert first.endswith("What is the first sub-question, and which knowledge base answers it?")
+    later = builder.route_messages(Question(text="Q?"), [Hop("Which flag?", "Australia")])
+    assert "Answers found so far:\nSub-question 1: Which flag?\nAnswer 1: Australia" in (
+        later[-1].text()
+    )
+    # the few-shot turns follow the same format
+    assert not any(
+        "none yet" in m.text().lower() for m in builder.route_messages(Question(text="Q?"), [])
+    )

@@ -265,8 +265,13 @@ class PromptBuilder:
         parts = [f"Question: {' '.join(text.split())}"]
         if has_image and not self.supports_images:
             parts.append(image_note(self.kbs, "route"))
-        parts.append(f"Answers found so far:\n{render_history(history)}")
-        parts.append("What is the next sub-question, and which knowledge base answers it?")
+        # No "(none yet)" placeholder before the first hop: the 0.5B model copied it as its
+        # sub-question ("None yet?"), searched for it and answered with it.
+        if history:
+            parts.append(f"Answers found so far:\n{render_history(history)}")
+            parts.append("What is the next sub-question, and which knowledge base answers it?")
+        else:
+            parts.append("What is the first sub-question, and which knowledge base answers it?")
         return "\n".join(parts)
 
     def _build_route_prefix(self) -> list[ChatMessage]:
