@@ -70,7 +70,9 @@ def run(
     supports_grammar: bool = False,
     use_grammar: bool = True,
     events: list[TraceEvent] | None = None,
+    min_retrieval_steps: int = 0,
 ) -> tuple[Trajectory, ScriptedChatModel]:
+    """The loop in the paper's setting (the router may stop at once) unless told otherwise."""
     model = ScriptedChatModel(
         script,
         fail_at=fail_at,
@@ -80,7 +82,7 @@ def run(
     engine = Engine(
         model,
         kbs,
-        R1RouterPolicy(),
+        R1RouterPolicy(min_retrieval_steps=min_retrieval_steps),
         EngineConfig(max_steps=max_steps, use_grammar=use_grammar),
         on_event=events.append if events is not None else None,
     )
@@ -353,3 +355,16 @@ def test_min_retrieval_steps_rejects_an_early_stop(demo_kbs):
     assert model.requests[0][1].grammar == route_grammar(names, allow_stop=False)
     later_route = [p for m, p in model.requests if kind(m) == "route"][-1]
     assert later_route.grammar == route_grammar(names)
+
+
+def test_one_min_retrieval_steps_default_for_ask_and_eval():
+    """The policy config is the one place: `ask` (no --min-steps) and `eval` agree."""
+    from kbrouter.cli.ask_cmd import _policy
+    from kbrouter.policies.baselines import make_policy
+    from kbrouter.policies.learned import LearnedRouterConfig
+
+    assert R1RouterPolicy().config.min_retrieval_steps == 1
+    assert LearnedRouterConfig().min_retrieval_steps == 0
+    assert _policy("r1-router", None, None).config == make_policy("r1-router").config
+    assert _policy("random-kb", None, None).config == make_policy("random-kb").config
+    assert _policy("r1-router", None, 0).config.min_retrieval_steps == 0

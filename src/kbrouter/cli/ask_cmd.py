@@ -29,12 +29,13 @@ def ask(
         False, "--no-grammar", help="Do not constrain router decoding with a grammar."
     ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    min_steps: int = typer.Option(
-        1,
+    min_steps: int | None = typer.Option(
+        None,
         "--min-steps",
         min=0,
-        help="Retrieval steps required before the router may stop (0: it may answer at once, "
-        "as in the paper; 1 keeps small models from answering without looking anything up).",
+        help="Retrieval steps required before the router may stop (default: the method's own, "
+        "as in `eval`: 1 for r1-router and random-kb, 0 for learned-router and hybrid; 0 is "
+        "the paper's setting).",
     ),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Replay cache folder (re-asking is then instant)."
@@ -90,12 +91,18 @@ def ask(
         raise typer.Exit(1)
 
 
-def _policy(method: str, router: Path | None, min_steps: int) -> Any:
+def _policy(method: str, router: Path | None, min_steps: int | None) -> Any:
     from kbrouter.policies.baselines import make_policy
 
     key = method.strip().lower()
     options: dict[str, Any] = {}
-    if key in ("r1-router", "r1router", "learned-router", "hybrid", "random-kb"):
+    if min_steps is not None and key in (
+        "r1-router",
+        "r1router",
+        "learned-router",
+        "hybrid",
+        "random-kb",
+    ):
         options["min_retrieval_steps"] = min_steps
     if router is not None:
         options["router"] = str(router)

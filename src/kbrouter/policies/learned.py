@@ -46,6 +46,12 @@ class LearnedRouterConfig(R1RouterConfig):
     """Settings of the learned-router and hybrid loops (plus R1-Router's)."""
 
     router: str | None = Field(None, description="Folder of a saved learned router.")
+    min_retrieval_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps that must retrieve before the loop may stop. 0 by default: the "
+        "learned router's fitted abstain decision (and hybrid's veto) decide a stop at once.",
+    )
 
 
 def _fmt(dist: RouteDistribution) -> str:

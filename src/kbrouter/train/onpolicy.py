@@ -50,7 +50,8 @@ def engine_rollout(
     def default_policy() -> Policy:
         from kbrouter.policies.r1router import R1RouterPolicy
 
-        return R1RouterPolicy()
+        # the paper's loop: a rollout may stop at once, so Step-GRPO also learns that decision
+        return R1RouterPolicy(min_retrieval_steps=0)
 
     make_model = model_factory or default_model
     make_policy = policy_factory or default_policy
