@@ -205,3 +205,13 @@ def test_unknown_kb_error_type():
     reg = StaticKBRegistry([StaticKB("text")])
     with pytest.raises(UnknownKBError):
         reg.resolve("nope")
+
+
+def test_answer_prompts_have_no_worked_example_by_default(kbs):
+    """The 0.5B model copied the example's reasoning and answer; IRCoT keeps its example (its
+    one-sentence steps need the format); few_shot=True brings the example back."""
+    traj, _ = _run(make_policy("all-kbs"), ["<answer>the Seine</answer>"], kbs)
+    assert [m.role for m in traj.final_call.messages] == ["system", "user"]
+    traj, _ = _run(make_policy("direct", few_shot=True), ["<answer>x</answer>"], kbs)
+    assert [m.role for m in traj.final_call.messages] == ["system", "user", "assistant", "user"]
+    assert make_policy("ircot").config.few_shot is True
