@@ -24,6 +24,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "engine": ("eval", "train", "cli"),
     "eval": ("train", "cli"),
     "train": ("cli",),
+    "serve": ("cli", "train"),
     "testing.py": ("cli",),
 }
 

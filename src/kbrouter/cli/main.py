@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from kbrouter.cli import ask_cmd, eval_cmd, kb_cmd, route_cmd, train_cmd
+from kbrouter.cli import ask_cmd, eval_cmd, kb_cmd, route_cmd, serve_cmd, train_cmd
 
 app = typer.Typer(
     name="kbrouter",
@@ -32,7 +32,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
 
 
-for _module in (kb_cmd, ask_cmd, eval_cmd, train_cmd):
+for _module in (kb_cmd, ask_cmd, eval_cmd, train_cmd, serve_cmd):
     _module.register(app)
 route_cmd.register(app, train_cmd.train_app)
 

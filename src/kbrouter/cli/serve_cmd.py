@@ -1,0 +1,61 @@
+"""``kbrouter serve``: the HTTP API (see :mod:`kbrouter.serve.app`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from kbrouter.cli.common import DEMO_CONFIG, cli_errors, err_console
+
+
+def serve_command(
+    kbs: Path = typer.Option(DEMO_CONFIG, "--kbs", "-c", help="kbs.toml of the KBs to serve."),
+    model: str = typer.Option("llama-cpp", "--model", "-m", help="Chat backend spec."),
+    router: Path | None = typer.Option(
+        None, "--router", help="Saved learned router (adds learned-router and hybrid)."
+    ),
+    method: str = typer.Option("r1-router", "--method", help="Default method."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port."),
+    api_key_env: str | None = typer.Option(
+        None, "--api-key-env", help="Environment variable holding the API key clients must send."
+    ),
+    max_concurrent: int = typer.Option(8, "--max-concurrent", min=1, help="Questions at once."),
+) -> None:
+    """Serve kbrouter over HTTP: /v1/answer (with streamed steps), an OpenAI-compatible
+    /v1/chat/completions, /v1/search, /v1/kbs; OpenAPI at /openapi.json."""
+    from kbrouter.cli.ask_cmd import _load_model, _open_registry
+    from kbrouter.errors import ConfigError
+    from kbrouter.serve.app import ServeConfig, create_app
+
+    with cli_errors():
+        key = None
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ConfigError(f"--api-key-env {api_key_env}: that variable is not set")
+        methods = ["r1-router", "all-kbs", "iterretgen", "direct"]
+        if router is not None:
+            methods += ["learned-router", "hybrid"]
+        if method not in methods:
+            methods.insert(0, method)
+        config = ServeConfig(
+            default_method=method,
+            methods=methods,
+            router=str(router) if router else None,
+            max_concurrent=max_concurrent,
+            api_key=key,
+        )
+        registry = _open_registry(kbs, quiet=False)
+        chat_model = _load_model(model, quiet=False)
+        app = create_app(chat_model, registry, config)
+    import uvicorn
+
+    err_console.print(f"serving on http://{host}:{port} (OpenAPI at /openapi.json)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

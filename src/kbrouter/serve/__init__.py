@@ -1,0 +1,1 @@
+"""Serving: the HTTP API (FastAPI, server-sent events, an OpenAI-compatible endpoint)."""

@@ -1,0 +1,475 @@
+"""The HTTP API: kbrouter behind a service, on the same engine as the CLI.
+
+``create_app(model, registry, config)`` builds a FastAPI app (OpenAPI at ``/openapi.json``):
+
+``GET /healthz``, ``GET /readyz``
+    Liveness; readiness (200 once every KB is open and the model answered a one-token call).
+``GET /v1/kbs``, ``POST /v1/search``
+    The KBs (names, descriptions, modality, aliases, size); one KB searched directly.
+``POST /v1/answer``
+    A question (optional base64 image, method, budget, top-k) -> the answer and the full
+    trajectory; with ``"stream": true`` or ``Accept: text/event-stream`` the steps arrive as
+    server-sent events (:mod:`kbrouter.serve.events`). A client that disconnects cancels its
+    question's remaining model calls.
+``GET /v1/models``, ``POST /v1/chat/completions``
+    OpenAI-compatible: ``model`` picks the method (``kbrouter/r1-router``, ...); image parts of
+    the last user message become the question image; ``stream: true`` sends
+    ``chat.completion.chunk`` events ending in ``[DONE]``; the trajectory is in the response's
+    ``kbrouter`` field (non-streaming) or the last chunk's.
+``GET /v1/images/{kb}/{doc_id}``
+    The picture of an image-KB item (looked up by id, never by a client path).
+
+One engine per (method, budget, top-k) is shared by all requests; at most
+``ServeConfig.max_concurrent`` questions run at once (429 beyond). With an API key configured,
+requests need ``Authorization: Bearer <key>`` or ``X-API-Key`` (constant-time comparison; the key
+is never logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from sse_starlette.sse import EventSourceResponse
+
+from kbrouter.engine.engine import Engine, EngineConfig
+from kbrouter.engine.runtime import KBSource
+from kbrouter.errors import KBRouterError, ModelUnavailableError, UnknownKBError
+from kbrouter.models.base import ChatModel
+from kbrouter.serve.events import evidence_json, sse_events
+from kbrouter.types import ChatMessage, Evidence, Query, Question, SamplingParams, TraceEvent
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AnswerRequest", "SearchRequest", "ServeConfig", "create_app"]
+
+
+class ServeConfig(BaseModel):
+    """Settings of the service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_method: str = Field("r1-router", description="Method when a request names none.")
+    methods: list[str] = Field(
+        default_factory=lambda: ["r1-router", "all-kbs", "iterretgen", "direct"],
+        description="Methods offered (``/v1/models``); learned-router and hybrid need a router.",
+    )
+    router: str | None = Field(None, description="Saved learned router (learned-router, hybrid).")
+    max_steps: int = Field(3, ge=0, le=10, description="Default retrieval-step budget.")
+    top_k: int = Field(5, gt=0, le=50, description="Default evidence items per KB shown.")
+    max_concurrent: int = Field(8, gt=0, description="Questions in flight; more get 429.")
+    max_question_chars: int = Field(4000, gt=0, description="Longest question accepted.")
+    max_image_bytes: int = Field(10_000_000, gt=0, description="Largest image upload (bytes).")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest image (pixels).")
+    api_key: SecretStr | None = Field(None, description="Required key (None: no auth).")
+
+
+class AnswerRequest(BaseModel):
+    """``POST /v1/answer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(..., min_length=1)
+    image_base64: str | None = Field(None, description="The question image, base64.")
+    method: str | None = None
+    max_steps: int | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, gt=0, le=50)
+    stream: bool = False
+
+
+class SearchRequest(BaseModel):
+    """``POST /v1/search``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kb: str
+    query: str = Field(..., min_length=1)
+    k: int = Field(5, gt=0, le=100)
+    image_base64: str | None = None
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Service:
+    """What the app's handlers share: model, KBs, engines, limits, uploaded images."""
+
+    def __init__(self, model: ChatModel, registry: KBSource, config: ServeConfig) -> None:
+        self.model, self.registry, self.config = model, registry, config
+        self.engines: dict[tuple[str, int, int], Engine] = {}
+        self.slots = asyncio.Semaphore(config.max_concurrent)
+        self.in_flight = 0
+        self.ready = False
+        self.not_ready_reason = "starting"
+        self._tmp = tempfile.TemporaryDirectory(prefix="kbrouter-serve-")
+        self.upload_dir = Path(self._tmp.name)
+
+    async def start(self) -> None:
+        try:
+            for info in self.registry.infos:
+                self.registry.get(info.name)  # opens the index (a clear error if broken)
+            await self.model.chat(
+                [ChatMessage(role="user", content="ping")], SamplingParams(max_tokens=1)
+            )
+        except Exception as e:  # noqa: BLE001 - readiness reports it
+            self.not_ready_reason = f"{type(e).__name__}: {e}"
+            log.error("not ready: %s", self.not_ready_reason)
+            return
+        self.ready = True
+        self.not_ready_reason = ""
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self._tmp.cleanup()
+
+    def engine(self, method: str | None, max_steps: int | None, top_k: int | None) -> Engine:
+        from kbrouter.policies.baselines import make_policy
+
+        name = (method or self.config.default_method).strip()
+        if name.startswith("kbrouter/"):
+            name = name[len("kbrouter/") :]
+        if name not in self.config.methods:
+            raise _HTTPError(
+                400, f"unknown method {name!r}; this server offers {', '.join(self.config.methods)}"
+            )
+        key = (name, self.config.max_steps if max_steps is None else max_steps,
+               self.config.top_k if top_k is None else top_k)  # fmt: skip
+        engine = self.engines.get(key)
+        if engine is None:
+            options: dict[str, Any] = {}
+            if name in ("learned-router", "hybrid"):
+                options["router"] = self.config.router
+            try:
+                policy = make_policy(name, **options)
+            except KBRouterError as e:
+                raise _HTTPError(400, str(e)) from None
+            engine = Engine(
+                self.model, self.registry, policy, EngineConfig(max_steps=key[1], top_k=key[2])
+            )
+            self.engines[key] = engine
+        return engine
+
+    def save_image(self, data: str | bytes) -> Path:
+        """Decode, check and store an uploaded image; its path for the question."""
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(data, str):
+            if data.startswith("data:"):
+                data = data.split(",", 1)[-1]
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise _HTTPError(400, "the image is not valid base64") from None
+        else:
+            raw = data
+        if len(raw) > self.config.max_image_bytes:
+            raise _HTTPError(
+                413, f"image of {len(raw)} bytes exceeds {self.config.max_image_bytes}"
+            )
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                w, h = im.size
+                if w * h > self.config.max_image_pixels:
+                    raise _HTTPError(413, f"image of {w}x{h} pixels is too large")
+                im.verify()
+                fmt = (im.format or "png").lower()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            raise _HTTPError(
+                400, f"the upload is not a decodable image ({type(e).__name__})"
+            ) from None
+        path = self.upload_dir / f"{uuid.uuid4().hex}.{'jpg' if fmt == 'jpeg' else fmt}"
+        path.write_bytes(raw)
+        return path
+
+    def question(self, text: str, image: str | None) -> Question:
+        text = text.strip()
+        if not text:
+            raise _HTTPError(400, "the question is empty")
+        if len(text) > self.config.max_question_chars:
+            raise _HTTPError(
+                413, f"the question exceeds {self.config.max_question_chars} characters"
+            )
+        return Question(
+            text=text,
+            image=self.save_image(image) if image else None,
+            id=uuid.uuid4().hex[:12],
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.slots.locked():
+            raise _HTTPError(429, f"busy: {self.config.max_concurrent} questions in flight")
+        async with self.slots:
+            self.in_flight += 1
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
+
+
+def _image_url(ev: Evidence) -> str | None:
+    return f"/v1/images/{ev.kb}/{ev.doc_id}" if ev.image_path is not None else None
+
+
+def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` over ``registry`` (see the module docstring)."""
+    cfg = config or ServeConfig()
+    service = Service(model, registry, cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title="kbrouter",
+        description="Step-wise retrieval-augmented answers across several knowledge bases.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(_HTTPError)
+    async def _http_error(request: Request, exc: _HTTPError) -> JSONResponse:
+        return JSONResponse({"error": {"message": exc.message}}, status_code=exc.status)
+
+    async def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        want = cfg.api_key.get_secret_value().encode()
+        header = request.headers.get("authorization", "")
+        got = (
+            header[7:]
+            if header.lower().startswith("bearer ")
+            else request.headers.get("x-api-key", "")
+        )
+        if not hmac.compare_digest(got.encode(), want):
+            raise _HTTPError(401, "missing or wrong API key")
+
+    guarded = [Depends(auth)]
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if service.ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": service.not_ready_reason}, status_code=503)
+
+    @app.get("/v1/kbs", dependencies=guarded)
+    async def kbs() -> dict[str, Any]:
+        out = []
+        for info in registry.infos:
+            try:
+                size: int | None = len(registry.get(info.name))
+            except (KBRouterError, NotImplementedError, TypeError):
+                size = None
+            out.append({**info.model_dump(mode="json"), "size": size})
+        return {"kbs": out}
+
+    @app.post("/v1/search", dependencies=guarded)
+    async def search(req: SearchRequest) -> dict[str, Any]:
+        try:
+            name = registry.resolve(req.kb)
+        except UnknownKBError as e:
+            raise _HTTPError(400, str(e)) from None
+        image = service.save_image(req.image_base64) if req.image_base64 else None
+        try:
+            [hits] = await asyncio.to_thread(
+                registry.get(name).search, [Query(text=req.query, image=image)], req.k
+            )
+        except KBRouterError as e:
+            raise _HTTPError(400, str(e)) from None
+        finally:
+            if image is not None:
+                image.unlink(missing_ok=True)
+        return {"kb": name, "evidence": [evidence_json(e, _image_url(e)) for e in hits]}
+
+    @app.get("/v1/images/{kb}/{doc_id}", dependencies=guarded)
+    async def image(kb: str, doc_id: str) -> FileResponse:
+        try:
+            name = registry.resolve(kb)
+            found = registry.get(name).fetch([doc_id])[0]
+        except (UnknownKBError, NotImplementedError):
+            raise _HTTPError(404, f"no image {doc_id!r} in KB {kb!r}") from None
+        paths = [e.image_path for e in found if e.image_path is not None]
+        if not paths or not Path(paths[0]).is_file():
+            raise _HTTPError(404, f"no image {doc_id!r} in KB {kb!r}")
+        return FileResponse(paths[0])
+
+    async def run(question: Question, engine: Engine, on_event: Any = None) -> Any:
+        try:
+            return await engine.answer(question, on_event=on_event)
+        except ModelUnavailableError as e:
+            raise _HTTPError(503, f"the model server cannot be reached: {e}") from None
+        finally:
+            if question.image is not None:
+                question.image.unlink(missing_ok=True)
+
+    def stream(question: Question, engine: Engine, request: Request) -> Any:
+        converter = sse_events(question.id or "", _image_url)
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def on_event(te: TraceEvent) -> None:
+            for ev in converter.events(te):
+                queue.put_nowait(ev)
+
+        async def produce() -> None:
+            try:
+                traj = await run(question, engine, on_event)
+                for ev in converter.final(traj):
+                    queue.put_nowait(ev)
+            except _HTTPError as e:
+                queue.put_nowait(
+                    {"event": "error", "data": {"question_id": question.id, "message": e.message}}
+                )
+            finally:
+                queue.put_nowait(None)
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async with service.slot():
+                task = asyncio.create_task(produce())
+                try:
+                    while (ev := await queue.get()) is not None:
+                        yield {"event": ev["event"], "data": json.dumps(ev["data"])}
+                finally:  # a disconnected client cancels its remaining model calls
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+
+        return EventSourceResponse(events())
+
+    @app.post("/v1/answer", dependencies=guarded)
+    async def answer(req: AnswerRequest, request: Request) -> Any:
+        engine = service.engine(req.method, req.max_steps, req.top_k)
+        question = service.question(req.question, req.image_base64)
+        if req.stream or "text/event-stream" in request.headers.get("accept", ""):
+            if service.slots.locked():
+                raise _HTTPError(429, f"busy: {cfg.max_concurrent} questions in flight")
+            return stream(question, engine, request)
+        async with service.slot():
+            traj = await run(question, engine)
+        if traj.error and traj.stop_reason == "error":
+            raise _HTTPError(503, f"answering failed: {traj.error}")
+        return {"answer": traj.answer, "trajectory": traj.model_dump(mode="json")}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        now = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": f"kbrouter/{m}", "object": "model", "created": now, "owned_by": "kbrouter"}
+                for m in cfg.methods
+            ],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise _HTTPError(400, "the body is not JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise _HTTPError(400, "a chat request needs 'messages' (a list)")
+        text, image = _last_user(body["messages"])
+        engine = service.engine(str(body.get("model") or cfg.default_method), None, None)
+        question = service.question(text, image)
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:20]}"
+        model_id = f"kbrouter/{engine.policy.name}"
+        if body.get("stream"):
+            if service.slots.locked():
+                raise _HTTPError(429, f"busy: {cfg.max_concurrent} questions in flight")
+
+            async def chunks() -> AsyncIterator[str]:
+                async with service.slot():
+                    try:
+                        traj = await run(question, engine)
+                    except _HTTPError as e:
+                        yield json.dumps({"error": {"message": e.message}})
+                        yield "[DONE]"
+                        return
+                    base = {"id": cid, "object": "chat.completion.chunk", "created": created}
+                    base["model"] = model_id
+                    first = {"index": 0, "delta": {"role": "assistant", "content": traj.answer}}
+                    yield json.dumps({**base, "choices": [{**first, "finish_reason": None}]})
+                    last = {"index": 0, "delta": {}, "finish_reason": "stop"}
+                    extra = {"kbrouter": {"trajectory": traj.model_dump(mode="json")}}
+                    yield json.dumps({**base, "choices": [last], **extra})
+                    yield "[DONE]"
+
+            return EventSourceResponse(chunks())
+        async with service.slot():
+            traj = await run(question, engine)
+        if traj.error and traj.stop_reason == "error":
+            raise _HTTPError(503, f"answering failed: {traj.error}")
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": traj.answer},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": traj.prompt_tokens,
+                "completion_tokens": traj.completion_tokens,
+                "total_tokens": traj.prompt_tokens + traj.completion_tokens,
+            },
+            "kbrouter": {"trajectory": traj.model_dump(mode="json")},
+        }
+
+    return app
+
+
+def _last_user(messages: list[Any]) -> tuple[str, str | None]:
+    """The text and the first image (data URL or base64) of the last user message."""
+    for m in reversed(messages):
+        if not isinstance(m, dict) or m.get("role") != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            return content, None
+        if isinstance(content, list):
+            texts, image = [], None
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "text":
+                    texts.append(str(part.get("text", "")))
+                elif part.get("type") == "image_url" and image is None:
+                    url = (part.get("image_url") or {}).get("url", "")
+                    if not str(url).startswith("data:"):
+                        raise _HTTPError(400, "image parts must be data: URLs (base64)")
+                    image = str(url)
+            return " ".join(texts), image
+        raise _HTTPError(400, "a user message needs content (text or parts)")
+    raise _HTTPError(400, "the request has no user message")
