@@ -117,3 +117,33 @@ def test_teacher_labeler_relabels_from_the_same_prompt(engine: Engine) -> None:
     labeler = TeacherLabeler(ScriptedChatModel(teacher_reply), KBNames({"text": []}))
     relabelled = asyncio.run(labeler(wrong))
     assert [s.target for s in relabelled] == [s.target for s in samples]
+
+
+def test_a_failing_teacher_call_drops_one_sample_not_the_round(engine: Engine) -> None:
+    import asyncio
+
+    traj = engine.answer_sync(Question(text="In which city is the Louvre?"))
+    samples = trajectory_to_samples(traj, ["Paris"], trajectory_id="t")
+    labeler = TeacherLabeler(ScriptedChatModel(teacher_reply, fail_at=[0]), KBNames({"text": []}))
+    relabelled = asyncio.run(labeler(samples))
+    assert len(relabelled) == len(samples) - 1
+    assert labeler.failures == [
+        ("t", samples[0].step_index, "ModelError: scripted failure at call 0")
+    ]
+
+
+def test_a_corrupt_synth_progress_file_is_resumed_without_duplicates(tmp_path: Path) -> None:
+    """A truncated progress line (an interrupted write) re-runs that question; its samples
+    already written are dropped, so nothing is duplicated."""
+    import json
+
+    from kbrouter.cli.train_cmd import _synth_progress
+
+    out = tmp_path / "steps.jsonl"
+    progress = tmp_path / "steps.jsonl.progress.jsonl"
+    out.write_text(
+        "".join(json.dumps({"trajectory_id": q, "n": i}) + "\n" for i, q in enumerate("aab"))
+    )
+    progress.write_text('{"id": "a", "kept": true}\n{"id": "b", "ke')
+    assert _synth_progress(progress, out) == {"a"}
+    assert [json.loads(x)["trajectory_id"] for x in out.read_text().splitlines()] == ["a", "a"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -345,11 +346,7 @@ def synth_command(
             load_dataset(dataset, data_dir=data_dir).examples, limit, seed=seed, stratify=True
         )
         progress_path = out.with_name(out.name + ".progress.jsonl")
-        done: set[str] = set()
-        if progress_path.is_file() and out.is_file():
-            done = {
-                json.loads(line)["id"] for line in progress_path.read_text().splitlines() if line
-            }
+        done = _synth_progress(progress_path, out)
         todo = [ex for ex in examples if ex.id not in done]
         if done:
             err_console.print(f"resuming: {len(done)} questions done, {len(todo)} to go")
@@ -359,7 +356,7 @@ def synth_command(
         engine = Engine(
             load_model(teacher),
             KBRegistry.from_config(kbs_path),
-            R1RouterPolicy(),
+            R1RouterPolicy(min_retrieval_steps=0),  # the teacher decides, as in the paper
             EngineConfig(
                 max_steps=max_steps,
                 concurrency=concurrency,
@@ -408,3 +405,36 @@ def register(app: typer.Typer) -> None:
     """Add ``synth`` and the ``train`` group to the main app."""
     app.command("synth")(synth_command)
     app.add_typer(train_app, name="train")
+
+
+def _synth_progress(progress_path: Path, out: Path) -> set[str]:
+    """Ids of the questions a resumed synthesis has finished. A corrupt or truncated progress
+    line (an interrupted write) is skipped, with a warning naming its line, so that question is
+    run again; samples in ``out`` of questions not recorded as done are dropped (atomically), so
+    re-running them cannot duplicate samples."""
+    from kbrouter.files import iter_jsonl
+
+    if not (progress_path.is_file() and out.is_file()):
+        return set()
+
+    def bad(lineno: int, problem: str) -> None:
+        err_console.print(
+            f"[yellow]note:[/] {progress_path}:{lineno}: {problem}; that question is run again"
+        )
+
+    done: set[str] = set()
+    for _, rec in iter_jsonl(progress_path, what="synthesis progress file", on_bad_line=bad):
+        if isinstance(rec.get("id"), str):
+            done.add(rec["id"])
+    kept, dropped = [], 0
+    for _, rec in iter_jsonl(out, what="synthesised steps", on_bad_line=lambda n, p: None):
+        if rec.get("trajectory_id") in done:
+            kept.append(json.dumps(rec, ensure_ascii=False))
+        else:
+            dropped += 1
+    if dropped:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, out)
+        err_console.print(f"[yellow]note:[/] dropped {dropped} samples of unfinished questions")
+    return done

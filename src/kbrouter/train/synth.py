@@ -228,6 +228,9 @@ class TeacherLabeler:
         self.kb_names = kb_names
         self.max_tokens = max_tokens
         self.concurrency = concurrency
+        self.failures: list[tuple[str, int, str]] = []
+        """(trajectory id, step index, error) of teacher calls that failed: those samples are
+        dropped, the rest of the round goes on."""
 
     async def __call__(self, samples: list[StepSample]) -> list[StepSample]:
         from kbrouter.train.rewards import parse_answer_output, parse_route_output
@@ -240,7 +243,17 @@ class TeacherLabeler:
             if s.final:
                 return s
             async with sem:
-                result = await self.teacher.chat(s.messages, params)
+                try:
+                    result = await self.teacher.chat(s.messages, params)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # one failed call drops one sample, not the round
+                    error = f"{type(e).__name__}: {e}"
+                    logger.warning(
+                        "teacher failed on %s step %d: %s", s.trajectory_id, s.step_index, error
+                    )
+                    self.failures.append((s.trajectory_id, s.step_index, error))
+                    return None
             if s.step_type == "ret":
                 action = parse_route_output(result.text, self.kb_names)
                 if action is None:
