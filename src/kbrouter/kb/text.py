@@ -301,6 +301,11 @@ class IndexedKB(KnowledgeBase):
         items, n_source = cls.read_items(config, base_dir, report)
         logger.info("KB %s: %d items from %d source records", name, len(items), n_source)
 
+        from kbrouter.kb.stores.milvus_store import drop_superseded, shared_collection
+
+        superseded = {
+            sub: shared_collection(Path(directory) / sub) for sub in (STORE_DIR, IMAGE_STORE_DIR)
+        }
         with atomic_directory(directory) as tmp:
             with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
                 for it in items:
@@ -360,6 +365,8 @@ class IndexedKB(KnowledgeBase):
                 build_seconds=round(time.perf_counter() - t0, 3),
             )
             write_manifest(tmp, manifest)
+        for sub, old in superseded.items():  # the new index is in place: free the old one
+            drop_superseded(old, Path(directory) / sub, config.retrieval.store)
         return BuildResult(
             kb=name,
             status="built",

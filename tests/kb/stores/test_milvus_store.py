@@ -188,3 +188,34 @@ def test_naming_helpers() -> None:
     assert collection_name("") == "kbrouter_kb"
     assert is_server_uri("http://milvus:19530") and is_server_uri("https://x.cloud")
     assert not is_server_uri("/data/kb.db") and not is_server_uri(None)
+
+
+def test_a_rebuild_drops_the_collection_it_replaced_in_a_shared_database(tmp_path: Path) -> None:
+    """Shared databases give every build its own collection; once a rebuild is in place the
+    superseded one is dropped instead of piling up."""
+    from kb_helpers import fake_loaders, tiny_config
+    from pymilvus import MilvusClient
+
+    from kbrouter.kb.registry import KBRegistry
+
+    shared = tmp_path / "shared" / "kbs.db"
+    store = {"retrieval": {"store": {"backend": "milvus", "milvus_uri": str(shared)}}}
+    reg = KBRegistry(tiny_config(tmp_path, text=store), **fake_loaders())
+
+    def collection() -> str:
+        meta = tmp_path / "index" / "text" / "store" / "milvus.json"
+        return json.loads(meta.read_text())["collection"]
+
+    reg.build(["text"], progress=False)
+    first = collection()
+    reg.close()
+    reg.build(["text"], force=True, progress=False)
+    second = collection()
+    assert second != first
+    assert reg.search("text", ["capital of France"], k=1)[0]
+    reg.close()
+    client = MilvusClient(uri=str(shared))
+    try:
+        assert not client.has_collection(first) and client.has_collection(second)
+    finally:
+        client.close()

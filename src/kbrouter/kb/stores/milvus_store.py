@@ -370,3 +370,41 @@ def _resolve_uri(uri: str) -> str:
     path = Path(uri).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def shared_collection(directory: Path) -> tuple[str, str] | None:
+    """``(uri, collection)`` of a saved store in ``directory`` that lives in a shared Milvus
+    database or server (not a Lite file inside the index folder), else None."""
+    try:
+        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("backend") != "milvus" or not meta.get("uri"):
+        return None
+    return str(meta["uri"]), str(meta["collection"])
+
+
+def drop_superseded(old: tuple[str, str] | None, directory: Path, cfg: StoreConfig) -> bool:
+    """After a rebuild was swapped into place, drop the collection of the build it replaced
+    (shared databases and servers give every build its own collection, which would otherwise
+    pile up). True if one was dropped; a failure is logged, never raised (the new index works)."""
+    if old is None:
+        return False
+    new = shared_collection(directory)
+    if new is not None and new == old:
+        return False
+    uri, collection = old
+    try:
+        client = _client(uri, cfg.milvus_token or os.environ.get("MILVUS_TOKEN"))
+        try:
+            if client.has_collection(collection):
+                client.drop_collection(collection)
+                logger.info("dropped superseded Milvus collection %s at %s", collection, uri)
+                return True
+        finally:
+            client.close()
+    except Exception as e:  # noqa: BLE001 - cleanup must not fail a finished build
+        logger.warning(
+            "could not drop superseded Milvus collection %s at %s: %s", collection, uri, e
+        )
+    return False
