@@ -617,6 +617,91 @@ def bad_input_cases(cases: list[Case], work: Path) -> None:
         run_case(cases, name, "bad input", check)
 
 
+def api_cases(cases: list[Case], work: Path) -> None:
+    """Bad input through the Python API: a named kbrouter error, never a raw exception."""
+    import asyncio
+
+    from kbrouter.engine.engine import Engine
+    from kbrouter.errors import KBRouterError
+    from kbrouter.eval.datasets import load_dataset, load_jsonl
+    from kbrouter.kb.registry import KBRegistry
+    from kbrouter.models.registry import load_model
+    from kbrouter.policies.baselines import make_policy
+    from kbrouter.routing.router import LearnedRouter
+    from kbrouter.testing import ScriptedChatModel, StaticKB, StaticKBRegistry
+    from kbrouter.types import Query
+
+    (work / "api-bad.toml").write_text('[[kb]]\nname = "t"\nmodality = "text"\n')
+    (work / "api-latin1.jsonl").write_bytes(b'{"question": "caf\xe9?", "answers": ["x"]}\n')
+    (work / "api-noanswer.jsonl").write_text('{"question": "q?"}\n')
+
+    def unknown_kb() -> None:
+        engine = Engine(
+            ScriptedChatModel([]), StaticKBRegistry([StaticKB("text")]), make_policy("direct")
+        )
+
+        async def go() -> None:
+            from kbrouter.engine.runtime import QuestionRuntime
+
+            ctx = engine._context(None)
+            r = await QuestionRuntime(ctx, None).retrieve("nowhere", Query(text="q"))
+            await ctx.aclose()
+            raise KBRouterError(r.error or "no error")
+
+        asyncio.run(go())
+
+    calls = [
+        (
+            "KBRegistry.from_config: missing field",
+            lambda: KBRegistry.from_config(work / "api-bad.toml"),
+            "description",
+        ),
+        (
+            "KBRegistry.from_config: missing file",
+            lambda: KBRegistry.from_config(work / "none.toml"),
+            "none.toml",
+        ),
+        ("load_model: unknown spec", lambda: load_model("gpt:x"), "unknown model spec"),
+        (
+            "load_model: unknown backend setting",
+            lambda: load_model("openai:m@http://127.0.0.1:9/v1;nope=1"),
+            "nope",
+        ),
+        ("make_policy: unknown method", lambda: make_policy("magic"), "unknown method"),
+        (
+            "make_policy: bad setting",
+            lambda: make_policy("r1-router", min_retrieval_steps=-1),
+            "min_retrieval_steps",
+        ),
+        ("load_dataset: unknown name", lambda: load_dataset("nope"), "unknown dataset"),
+        ("load_jsonl: not UTF-8", lambda: load_jsonl(work / "api-latin1.jsonl"), "not UTF-8"),
+        ("load_jsonl: no answers", lambda: load_jsonl(work / "api-noanswer.jsonl"), "answers"),
+        (
+            "LearnedRouter.load: no router",
+            lambda: LearnedRouter.load(work / "no-router"),
+            "manifest",
+        ),
+        ("Runtime.retrieve: unknown KB", unknown_kb, "unknown knowledge base 'nowhere'"),
+    ]
+    for name, fn, expect in calls:
+
+        def check(case: Case, fn: Callable[[], Any] = fn, expect: str = expect) -> None:
+            try:
+                fn()
+            except KBRouterError as e:
+                case.seen = str(e)[:300]
+                case.passed = expect.lower() in str(e).lower()
+                case.detail = type(e).__name__ + ("" if case.passed else f"; expected {expect!r}")
+                return
+            except Exception as e:  # noqa: BLE001 - a raw exception is the failure
+                case.seen = f"{type(e).__name__}: {e}"[:300]
+                case.detail = f"raw {type(e).__name__}, not a kbrouter error"
+                return
+            case.detail = "no error raised"
+
+        run_case(cases, name, "bad input (Python API)", check)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -639,6 +724,21 @@ def main() -> None:
             index_cases(cases, work)
         if not only or "eval" in only:
             eval_cases(cases, work)
+        if not only or "api" in only:
+            api_cases(cases, work)
+    path = args.out / "reliability.json"
+    if only and path.is_file():  # a partial run replaces only the categories it ran
+        ran = {c.category for c in cases}
+        kept = [r for r in json.loads(path.read_text())["results"] if r["category"] not in ran]
+        for r in kept:
+            c = Case(r["name"], r["category"])
+            c.passed, c.detail, c.seen, c.seconds = (
+                r["passed"],
+                r["detail"],
+                r["user_sees"],
+                r["seconds"],
+            )
+            cases.insert(0, c)
     result = {
         "cases": len(cases),
         "passed": sum(c.passed for c in cases),
