@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,16 @@ def test_replay_through_the_cli_keys_on_the_model_not_the_server_url(
     b = Trajectory.model_validate_json(second.stdout)
     assert b.answer == a.answer and all(c.cached for c in b.model_calls())
     assert not any(c.cached for c in a.model_calls())
+
+
+def test_ask_with_a_dead_model_server_fails_fast_naming_the_url(lexical_config: Path):
+    dead = "http://127.0.0.1:9/v1"  # nothing listens there
+    t0 = time.perf_counter()
+    result = runner.invoke(
+        app,
+        ["ask", "What is the capital of Peru?", "--kbs", str(lexical_config), "-m",
+         f"openai:fake@{dead};max_retries=0", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert f"{dead}/chat/completions" in _out(result) and "Traceback" not in _out(result)
+    assert time.perf_counter() - t0 < 60
