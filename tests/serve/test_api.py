@@ -212,9 +212,11 @@ def test_saturation_is_a_clear_429(registry):
     with _Server(app) as s:
         url = f"http://127.0.0.1:{s.port}/v1/answer"
         results: list[int] = []
+        flag = base64.b64encode((REPO / "demo" / "questions" / "flag.jpg").read_bytes()).decode()
 
         def ask() -> None:
-            results.append(httpx.post(url, json={"question": QUESTION}, timeout=30).status_code)
+            body = {"question": QUESTION, "image_base64": flag}
+            results.append(httpx.post(url, json=body, timeout=30).status_code)
 
         threads = [threading.Thread(target=ask) for _ in range(3)]
         for t in threads:
@@ -222,7 +224,15 @@ def test_saturation_is_a_clear_429(registry):
             time.sleep(0.05)
         for t in threads:
             t.join()
+        assert list(app.state.service.upload_dir.iterdir()) == []  # no upload left behind
     assert sorted(results)[0] == 200 and 429 in results
+
+
+def test_only_plain_raster_images_are_accepted(registry):
+    eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n").decode()
+    with _client(registry) as c:
+        r = c.post("/v1/answer", json={"question": QUESTION, "image_base64": eps})
+        assert r.status_code == 400 and "not a decodable image" in r.json()["error"]["message"]
 
 
 def test_a_client_that_disconnects_cancels_its_remaining_model_calls(registry):

@@ -142,6 +142,8 @@ def attribute(
         return Attribution(stage="format", detail="empty final answer")
     if gold_kbs is None:
         return Attribution(stage="unattributed", detail="no gold KBs")
+    if not gold_kbs:  # nothing needed looking up: the model did not know
+        return Attribution(stage="reading", detail="no KB needed; answer wrong")
     if top_k is None:
         top_k = (traj.config.get("engine") or {}).get("top_k")
     steps: list[tuple[set[str], set[str]]] = []  # (KBs searched, doc ids shown) per step

@@ -121,4 +121,8 @@ async def read_tables(
         table=result.table,
         metadata={"reader": "sql", "sql": result.sql, "doc_ids": docs},
     )
-    return [answer, *(e for e in evidence if e.modality != Modality.TABLE)]
+    # the queried tables' rows are replaced by the result; other evidence stays
+    return [
+        answer,
+        *(e for e in evidence if not (e.modality == Modality.TABLE and e.doc_id in docs)),
+    ]

@@ -84,7 +84,12 @@ def _column_types(table: Table) -> list[str]:
         cells = [r[j].strip() for r in table.rows if j < len(r) and r[j].strip()]
         nums = [_number(c) for c in cells]
         if cells and all(n is not None for n in nums):
-            types.append("DOUBLE" if any("." in c for c in cells) else "BIGINT")
+            if any("." in c for c in cells):
+                types.append("DOUBLE")
+            elif all(abs(int(c.replace(",", ""))) < 2**63 for c in cells):
+                types.append("BIGINT")
+            else:  # beyond BIGINT: keep the digits as text
+                types.append("VARCHAR")
         else:
             types.append("VARCHAR")
     return types
@@ -92,16 +97,15 @@ def _column_types(table: Table) -> list[str]:
 
 def _columns(table: Table) -> list[str]:
     """Unique, non-empty column names (``col_3`` for an empty header cell)."""
-    seen: dict[str, int] = {}
+    used: set[str] = set()
     out = []
     for j, h in enumerate(table.header):
-        name = " ".join(str(h).split()) or f"col_{j + 1}"
-        key = name.lower()
-        if key in seen:
-            seen[key] += 1
-            name = f"{name}_{seen[key]}"
-        else:
-            seen[key] = 1
+        base = " ".join(str(h).split()) or f"col_{j + 1}"
+        name, n = base, 1
+        while name.lower() in used:  # e.g. "Score", "Score", "Score_2" -> ..., "Score_3"
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name.lower())
         out.append(name)
     return out
 
@@ -233,7 +237,10 @@ def _connect(tables: Sequence[Table]):  # -> duckdb.DuckDBPyConnection
                     row.append(c or None)
                 else:
                     n = _number(c) if c else None
-                    row.append(None if n is None else (int(n) if t == "BIGINT" else n))
+                    if n is None:
+                        row.append(None)
+                    else:
+                        row.append(int(c.replace(",", "")) if t == "BIGINT" else n)
             rows.append(row)
         if rows:
             con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(cols))})", rows)
@@ -247,9 +254,14 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
     Raises :class:`SQLError` for anything but exactly one SELECT, for a query DuckDB rejects,
     and when the time limit interrupts it.
     """
-    import duckdb
+    try:
+        import duckdb
+    except ImportError as e:  # pragma: no cover - the optional extra
+        raise SQLError("the SQL table reader needs DuckDB: pip install 'kbrouter[reading]'") from e
 
     cfg = config or SQLReaderConfig()
+    if any(not t.header for t in tables):
+        raise SQLError("a retrieved table has no columns")
     sql = quote_columns(sql, tables)
     try:
         statements = duckdb.extract_statements(sql)
@@ -260,7 +272,10 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
     if statements[0].type != duckdb.StatementType.SELECT:
         raise SQLError(f"only SELECT queries are run, not {statements[0].type.name}")
     t0 = time.perf_counter()
-    con = _connect(tables)
+    try:
+        con = _connect(tables)
+    except duckdb.Error as e:
+        raise SQLError(f"cannot load the table(s): {str(e).splitlines()[0][:200]}") from None
     timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
     timer.start()
     try:

@@ -41,11 +41,13 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.engine.runtime import KBSource
@@ -119,6 +121,7 @@ class Service:
         self.in_flight = 0
         self.ready = False
         self.not_ready_reason = "starting"
+        self._checked = time.monotonic()
         self._tmp = tempfile.TemporaryDirectory(prefix="kbrouter-serve-")
         self.upload_dir = Path(self._tmp.name)
 
@@ -186,7 +189,8 @@ class Service:
                 413, f"image of {len(raw)} bytes exceeds {self.config.max_image_bytes}"
             )
         try:
-            with Image.open(io.BytesIO(raw)) as im:
+            # only plain raster formats: never EPS/PS (Ghostscript) or other exotic decoders
+            with Image.open(io.BytesIO(raw), formats=["PNG", "JPEG", "WEBP", "GIF", "BMP"]) as im:
                 w, h = im.size
                 if w * h > self.config.max_image_pixels:
                     raise _HTTPError(413, f"image of {w}x{h} pixels is too large")
@@ -214,20 +218,56 @@ class Service:
             id=uuid.uuid4().hex[:12],
         )
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def ticket(self) -> _Ticket:
+        """A slot for one question, taken at once or a 429 (no await between the check and
+        the take, so two requests cannot both pass)."""
         if self.slots.locked():
             raise _HTTPError(429, f"busy: {self.config.max_concurrent} questions in flight")
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                yield
-            finally:
-                self.in_flight -= 1
+        await self.slots.acquire()
+        self.in_flight += 1
+        return _Ticket(self)
+
+    async def admit(self, text: str, image: str | None) -> tuple[Question, _Ticket]:
+        """Take a slot, then store the question (and its upload); both are released together."""
+        ticket = await self.ticket()
+        try:
+            question = self.question(text, image)
+        except BaseException:
+            ticket.release()
+            raise
+        ticket.image = question.image
+        return question, ticket
+
+    async def maybe_recheck(self) -> None:
+        """Re-run the readiness check (at most every 5 s) while not ready."""
+        now = time.monotonic()
+        if not self.ready and now - self._checked > 5.0:
+            self._checked = now
+            await self.start()
+
+
+class _Ticket:
+    """One question's slot and uploaded image; released once, whichever path ends first."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.image: Path | None = None
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.service.in_flight -= 1
+        self.service.slots.release()
+        if self.image is not None:
+            self.image.unlink(missing_ok=True)
 
 
 def _image_url(ev: Evidence) -> str | None:
-    return f"/v1/images/{ev.kb}/{ev.doc_id}" if ev.image_path is not None else None
+    if ev.image_path is None:
+        return None
+    return f"/v1/images/{quote(ev.kb, safe='')}/{quote(ev.doc_id, safe='')}"
 
 
 def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None = None) -> FastAPI:
@@ -275,6 +315,7 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        await service.maybe_recheck()
         if service.ready:
             return JSONResponse({"ready": True})
         return JSONResponse({"ready": False, "reason": service.not_ready_reason}, status_code=503)
@@ -308,7 +349,7 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
                 image.unlink(missing_ok=True)
         return {"kb": name, "evidence": [evidence_json(e, _image_url(e)) for e in hits]}
 
-    @app.get("/v1/images/{kb}/{doc_id}", dependencies=guarded)
+    @app.get("/v1/images/{kb}/{doc_id:path}", dependencies=guarded)
     async def image(kb: str, doc_id: str) -> FileResponse:
         try:
             name = registry.resolve(kb)
@@ -325,11 +366,8 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
             return await engine.answer(question, on_event=on_event)
         except ModelUnavailableError as e:
             raise _HTTPError(503, f"the model server cannot be reached: {e}") from None
-        finally:
-            if question.image is not None:
-                question.image.unlink(missing_ok=True)
 
-    def stream(question: Question, engine: Engine, request: Request) -> Any:
+    def stream(question: Question, engine: Engine, ticket: _Ticket) -> Any:
         converter = sse_events(question.id or "", _image_url)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
@@ -350,29 +388,30 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
                 queue.put_nowait(None)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            async with service.slot():
-                task = asyncio.create_task(produce())
-                try:
-                    while (ev := await queue.get()) is not None:
-                        yield {"event": ev["event"], "data": json.dumps(ev["data"])}
-                finally:  # a disconnected client cancels its remaining model calls
-                    if not task.done():
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await task
+            task = asyncio.create_task(produce())
+            try:
+                while (ev := await queue.get()) is not None:
+                    yield {"event": ev["event"], "data": json.dumps(ev["data"])}
+            finally:  # a disconnected client cancels its remaining model calls
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                ticket.release()
 
-        return EventSourceResponse(events())
+        # the background task releases the slot even if the stream never started
+        return EventSourceResponse(events(), background=BackgroundTask(ticket.release))
 
     @app.post("/v1/answer", dependencies=guarded)
     async def answer(req: AnswerRequest, request: Request) -> Any:
         engine = service.engine(req.method, req.max_steps, req.top_k)
-        question = service.question(req.question, req.image_base64)
+        question, ticket = await service.admit(req.question, req.image_base64)
         if req.stream or "text/event-stream" in request.headers.get("accept", ""):
-            if service.slots.locked():
-                raise _HTTPError(429, f"busy: {cfg.max_concurrent} questions in flight")
-            return stream(question, engine, request)
-        async with service.slot():
+            return stream(question, engine, ticket)
+        try:
             traj = await run(question, engine)
+        finally:
+            ticket.release()
         if traj.error and traj.stop_reason == "error":
             raise _HTTPError(503, f"answering failed: {traj.error}")
         return {"answer": traj.answer, "trajectory": traj.model_dump(mode="json")}
@@ -398,33 +437,34 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
             raise _HTTPError(400, "a chat request needs 'messages' (a list)")
         text, image = _last_user(body["messages"])
         engine = service.engine(str(body.get("model") or cfg.default_method), None, None)
-        question = service.question(text, image)
+        question, ticket = await service.admit(text, image)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:20]}"
         model_id = f"kbrouter/{engine.policy.name}"
         if body.get("stream"):
-            if service.slots.locked():
-                raise _HTTPError(429, f"busy: {cfg.max_concurrent} questions in flight")
 
             async def chunks() -> AsyncIterator[str]:
-                async with service.slot():
-                    try:
-                        traj = await run(question, engine)
-                    except _HTTPError as e:
-                        yield json.dumps({"error": {"message": e.message}})
-                        yield "[DONE]"
-                        return
-                    base = {"id": cid, "object": "chat.completion.chunk", "created": created}
-                    base["model"] = model_id
-                    first = {"index": 0, "delta": {"role": "assistant", "content": traj.answer}}
-                    yield json.dumps({**base, "choices": [{**first, "finish_reason": None}]})
-                    last = {"index": 0, "delta": {}, "finish_reason": "stop"}
-                    extra = {"kbrouter": {"trajectory": traj.model_dump(mode="json")}}
-                    yield json.dumps({**base, "choices": [last], **extra})
+                try:
+                    traj = await run(question, engine)
+                except _HTTPError as e:
+                    yield json.dumps({"error": {"message": e.message}})
                     yield "[DONE]"
+                    return
+                finally:
+                    ticket.release()
+                base = {"id": cid, "object": "chat.completion.chunk", "created": created}
+                base["model"] = model_id
+                first = {"index": 0, "delta": {"role": "assistant", "content": traj.answer}}
+                yield json.dumps({**base, "choices": [{**first, "finish_reason": None}]})
+                last = {"index": 0, "delta": {}, "finish_reason": "stop"}
+                extra = {"kbrouter": {"trajectory": traj.model_dump(mode="json")}}
+                yield json.dumps({**base, "choices": [last], **extra})
+                yield "[DONE]"
 
-            return EventSourceResponse(chunks())
-        async with service.slot():
+            return EventSourceResponse(chunks(), background=BackgroundTask(ticket.release))
+        try:
             traj = await run(question, engine)
+        finally:
+            ticket.release()
         if traj.error and traj.stop_reason == "error":
             raise _HTTPError(503, f"answering failed: {traj.error}")
         return {

@@ -372,39 +372,45 @@ def _resolve_uri(uri: str) -> str:
     return str(path)
 
 
-def shared_collection(directory: Path) -> tuple[str, str] | None:
-    """``(uri, collection)`` of a saved store in ``directory`` that lives in a shared Milvus
-    database or server (not a Lite file inside the index folder), else None."""
+def shared_collection(directory: Path) -> dict[str, Any] | None:
+    """The saved pointer (``uri``, ``collection``, ``previous``) of a store in ``directory`` that
+    lives in a shared Milvus database or server (not a Lite file inside the index folder)."""
     try:
         meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("backend") != "milvus" or not meta.get("uri"):
         return None
-    return str(meta["uri"]), str(meta["collection"])
+    return meta
 
 
-def drop_superseded(old: tuple[str, str] | None, directory: Path, cfg: StoreConfig) -> bool:
-    """After a rebuild was swapped into place, drop the collection of the build it replaced
-    (shared databases and servers give every build its own collection, which would otherwise
-    pile up). True if one was dropped; a failure is logged, never raised (the new index works)."""
-    if old is None:
-        return False
+def drop_superseded(old: dict[str, Any] | None, directory: Path, cfg: StoreConfig) -> bool:
+    """After a rebuild was swapped into place: remember the build it replaced (a process that
+    opened it before the swap may still be serving it) and drop the one before that. Shared
+    databases and servers give every build its own collection, so without this they pile up;
+    at most two builds of a KB are kept. True if one was dropped; a failure is logged, never
+    raised (the new index works either way)."""
     new = shared_collection(directory)
-    if new is not None and new == old:
+    if old is None or new is None or new.get("collection") == old.get("collection"):
         return False
-    uri, collection = old
+    new["previous"] = old["collection"]
+    pointer = Path(directory) / META_FILE
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    tmp.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, pointer)  # atomic: a crash leaves the old pointer or the new one
+    stale = old.get("previous")
+    if not stale or stale in (new["collection"], old["collection"]):
+        return False
+    uri = str(old["uri"])
     try:
         client = _client(uri, cfg.milvus_token or os.environ.get("MILVUS_TOKEN"))
         try:
-            if client.has_collection(collection):
-                client.drop_collection(collection)
-                logger.info("dropped superseded Milvus collection %s at %s", collection, uri)
+            if client.has_collection(stale):
+                client.drop_collection(stale)
+                logger.info("dropped superseded Milvus collection %s at %s", stale, uri)
                 return True
         finally:
             client.close()
     except Exception as e:  # noqa: BLE001 - cleanup must not fail a finished build
-        logger.warning(
-            "could not drop superseded Milvus collection %s at %s: %s", collection, uri, e
-        )
+        logger.warning("could not drop superseded Milvus collection %s at %s: %s", stale, uri, e)
     return False
