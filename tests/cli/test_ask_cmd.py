@@ -156,3 +156,19 @@ def test_ask_with_a_dead_model_server_fails_fast_naming_the_url(lexical_config: 
     assert result.exit_code == 1
     assert f"{dead}/chat/completions" in _out(result) and "Traceback" not in _out(result)
     assert time.perf_counter() - t0 < 60
+
+
+def test_ask_takes_method_settings_and_rejects_bad_ones_before_any_work(tmp_path: Path):
+    from kbrouter.cli.ask_cmd import _policy
+
+    policy = _policy("r1-router", None, None, {"image_entity": True, "table_reader": "sql"})
+    assert policy.config.image_entity and policy.config.table_reader == "sql"
+    cfg = tmp_path / "kbs.toml"
+    cfg.write_text(
+        (DEMO / "kbs.toml")
+        .read_text()
+        .replace('index_dir = ".kbrouter/index"', f'index_dir = "{tmp_path / "ix"}"')
+    )
+    result = runner.invoke(app, ["ask", "q?", "--kbs", str(cfg), "--option", "table_reader=bogus"])
+    assert result.exit_code == 2 and "table_reader" in _out(result)
+    assert not (tmp_path / "ix").exists()  # failed before building any index

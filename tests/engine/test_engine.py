@@ -320,3 +320,15 @@ def test_one_bad_query_image_fails_only_its_own_question(tmp_path):
         else:
             assert r.error is None and r.evidence[0].id == "img-blue"
     reg.close()
+
+
+def test_a_failing_kb_is_not_retried_query_by_query_forever():
+    """When single-query retries of a failed batch fail the same way twice, the KB itself is
+    failing: the remaining questions get its error at once (no retry storm)."""
+    kbs = CountingKBs(StaticKBRegistry([StaticKB("text", fail=True)]))
+    engine = make_engine(kbs, ScriptedChatModel(r1_reply), concurrency=8, batch_window_ms=200)
+    trajs = engine.answer_many_sync(QUESTIONS)
+    assert all("search failed in KB 'text'" in (t.retrievals()[0].error or "") for t in trajs)
+    sizes = kbs.calls["text"]
+    assert sizes[0] > 2 and sizes[1:3] == [1, 1]
+    assert len(sizes) < 1 + sizes[0]  # not one retry per question of the batch

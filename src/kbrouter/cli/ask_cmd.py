@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console
+from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console, parse_options
 
 
 def ask(
@@ -46,6 +46,12 @@ def ask(
     router: Path | None = typer.Option(
         None, "--router", help="Saved learned router (learned-router, hybrid)."
     ),
+    option: list[str] = typer.Option(
+        [],
+        "--option",
+        help="Method setting key=value (repeatable), as in eval: e.g. table_reader=sql, "
+        "image_entity=true, pinned_alone=true.",
+    ),
 ) -> None:
     """Answer QUESTION step by step: route sub-questions to KBs, retrieve, answer."""
     from kbrouter.engine.engine import Engine, EngineConfig
@@ -59,7 +65,8 @@ def ask(
 
             open_rgb(image)  # ImageError names the file if it is missing or undecodable
             image = image.resolve()
-        policy = _policy(method, router, min_steps)  # a bad method fails before any work
+        # a bad method or setting fails before any work
+        policy = _policy(method, router, min_steps, parse_options(option))
         registry = _open_registry(kbs, quiet=as_json)
         chat_model = _load_model(model, quiet=as_json)
         trace = None if as_json else _LiveTrace()
@@ -91,11 +98,13 @@ def ask(
         raise typer.Exit(1)
 
 
-def _policy(method: str, router: Path | None, min_steps: int | None) -> Any:
+def _policy(
+    method: str, router: Path | None, min_steps: int | None, extra: dict[str, Any] | None = None
+) -> Any:
     from kbrouter.policies.baselines import make_policy
 
     key = method.strip().lower()
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(extra or {})
     if min_steps is not None and key in (
         "r1-router",
         "r1router",

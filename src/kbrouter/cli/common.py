@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import typer
@@ -11,7 +12,7 @@ from rich.console import Console
 from kbrouter.config import DEMO_CONFIG
 from kbrouter.errors import KBRouterError
 
-__all__ = ["DEMO_CONFIG", "cli_errors", "console", "err_console"]
+__all__ = ["DEMO_CONFIG", "cli_errors", "console", "err_console", "parse_options"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,3 +26,19 @@ def cli_errors() -> Iterator[None]:
     except KBRouterError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def parse_options(items: list[str]) -> dict[str, object]:
+    """``key=value`` pairs; values parsed as JSON when possible (``3``, ``true``), else text."""
+    from kbrouter.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out

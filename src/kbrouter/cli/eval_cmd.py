@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import typer
 
-from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console
+from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console, parse_options
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
-
-
-def _parse_options(items: list[str]) -> dict[str, object]:
-    """``key=value`` pairs; values parsed as JSON when possible (``3``, ``true``), else text."""
-    from kbrouter.errors import ConfigError
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
 
 
 def eval_command(
@@ -111,7 +94,7 @@ def eval_command(
                 image_dir=image_dir,
                 data_dir=data_dir,
                 sources=source or None,
-                method_options=_parse_options(option),
+                method_options=parse_options(option),
                 keep_messages=not no_messages,
             )
         except KeyboardInterrupt:

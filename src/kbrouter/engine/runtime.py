@@ -150,13 +150,26 @@ class KBBatcher:
                     _deliver(batch[0], error=e)
                     continue
                 # One bad query (say an undecodable image) must fail only its own question:
-                # search the batch again one query at a time.
-                for p in batch:
+                # search the batch again one query at a time. When two single queries in a row
+                # fail the same way, the KB itself is failing (down, timing out): the rest get
+                # that error at once instead of one more attempt each.
+                last: type[BaseException] | None = None
+                streak = 0
+                for i, p in enumerate(batch):
+                    if p.future.done():  # its question was cancelled meanwhile
+                        continue
+                    if streak >= 2:
+                        for q in batch[i:]:
+                            _deliver(q, error=e)
+                        break
                     try:
                         (res,) = await asyncio.to_thread(self._search, [p.query])
                     except Exception as e1:
+                        streak = streak + 1 if type(e1) is last else 1
+                        last = type(e1)
                         _deliver(p, error=e1)
                     else:
+                        streak, last = 0, None
                         _deliver(p, result=res)
                 continue
             for p, res in zip(batch, results, strict=True):
