@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,27 +29,6 @@ REPO = HERE.parent
 DEFAULT_CONFIGS = (
     "table-rows=single-kb:table@table_reader=rows,table-sql=single-kb:table@table_reader=sql"
 )
-
-
-def _se(values: list[float]) -> float | None:
-    n = len(values)
-    if n < 2:
-        return None
-    m = sum(values) / n
-    return 100 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def main() -> None:
@@ -72,6 +49,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(HERE))
+    from bench_routing_e2e import _commit, _se
     from kbrouter.engine.engine import EngineConfig
     from kbrouter.eval.harness import load_results, run_eval
     from kbrouter.kb.registry import KBRegistry
