@@ -11,7 +11,7 @@ from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.engine.runtime import merge_params
 from kbrouter.kb.base import KnowledgeBase
 from kbrouter.policies.base import Policy, Runtime
-from kbrouter.policies.r1router import R1RouterPolicy
+from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
 from kbrouter.testing import ScriptedChatModel, StaticKB, StaticKBRegistry
 from kbrouter.types import (
     ChatMessage,
@@ -84,7 +84,7 @@ class CountingKBs:
 
 
 def make_engine(kbs, model, **cfg) -> Engine:
-    return Engine(model, kbs, R1RouterPolicy(), EngineConfig(**cfg))
+    return Engine(model, kbs, R1RouterPolicy(**PAPER_READING), EngineConfig(**cfg))
 
 
 def test_answer_many_keeps_input_order_under_concurrency(demo_kbs):

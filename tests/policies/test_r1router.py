@@ -10,7 +10,7 @@ import pytest
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.engine.events import TraceEvent
 from kbrouter.policies.prompts import route_grammar
-from kbrouter.policies.r1router import R1RouterPolicy
+from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
 from kbrouter.testing import ScriptedChatModel
 from kbrouter.types import ChatMessage, ImagePart, Question, Trajectory
 
@@ -82,7 +82,7 @@ def run(
     engine = Engine(
         model,
         kbs,
-        R1RouterPolicy(min_retrieval_steps=min_retrieval_steps),
+        R1RouterPolicy(min_retrieval_steps=min_retrieval_steps, **PAPER_READING),
         EngineConfig(max_steps=max_steps, use_grammar=use_grammar),
         on_event=events.append if events is not None else None,
     )

@@ -87,8 +87,11 @@ def test_a_failed_query_is_corrected_once_with_the_error():
     assert "wins\n3" in traj.final_call.messages[-1].text()
 
 
-def test_rows_reader_is_the_default_and_makes_no_extra_call():
-    traj = _run("single-kb:table", ["<answer>1</answer>"])
+def test_sql_reader_is_the_default_and_rows_make_no_extra_call():
+    traj = _run("single-kb:table", [SQL, "<answer>3</answer>"])
+    assert [c.purpose for c in traj.model_calls()] == ["read", "final"]
+    assert traj.config["table_reader"] == "sql"
+    traj = _run("single-kb:table", ["<answer>1</answer>"], table_reader="rows")
     assert [c.purpose for c in traj.model_calls()] == ["final"]
     assert traj.config["table_reader"] == "rows"
 
@@ -139,7 +142,14 @@ def _image_kbs(pinned: bool) -> list[StaticKB]:
     return [*_kbs(), StaticKB("image", flags, modality=Modality.IMAGE)]
 
 
-def _flag_run(tmp_path, sub_question: str, outputs_after: list[str], pinned: bool = True):
+def _flag_run(
+    tmp_path,
+    sub_question: str,
+    outputs_after: list[str],
+    pinned: bool = True,
+    question: str = "Which country's flag is shown?",
+    **options,
+):
     img = tmp_path / "q.jpg"
     img.write_bytes(b"static KBs do not read it")
     outputs = [
@@ -147,11 +157,12 @@ def _flag_run(tmp_path, sub_question: str, outputs_after: list[str], pinned: boo
         *outputs_after,
     ]
     model = ScriptedChatModel(outputs)
-    policy = make_policy("r1-router", image_entity=True, use_grammar=False)
+    options = {"image_entity": True, "use_grammar": False, **options}
+    policy = make_policy("r1-router", **options)
     engine = Engine(model, StaticKBRegistry(_image_kbs(pinned)), policy, EngineConfig(top_k=2))
     from kbrouter.types import Question
 
-    return engine.answer_sync(Question(text="Which country's flag is shown?", image=img))
+    return engine.answer_sync(Question(text=question, image=img))
 
 
 STOP = "<think>done</think><sub-question>None</sub-question><ret>None</ret>"
@@ -178,6 +189,7 @@ def test_no_shortcut_for_other_questions_or_without_a_match(tmp_path):
         tmp_path,
         "What is the flag shown in the image made of?",
         ["<answer>cloth</answer>", STOP, "<answer>cloth</answer>"],
+        identify_first=False,
     )
     assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]
     # no image-to-image match above the threshold: no shortcut either
@@ -186,6 +198,7 @@ def test_no_shortcut_for_other_questions_or_without_a_match(tmp_path):
         "Which country's flag is shown?",
         ["<answer>Kenya</answer>", STOP, "<answer>Kenya</answer>"],
         pinned=False,
+        answer_from_question_hop=False,
     )
     assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]
 
@@ -201,7 +214,7 @@ def test_pinned_alone_shows_only_the_image_match(tmp_path):
         img.write_bytes(b"x")
         route = "<think>t</think><sub-question>Which country's flag?</sub-question><ret>image</ret>"
         model = ScriptedChatModel([route, *outputs])
-        policy = make_policy("r1-router", pinned_alone=alone, use_grammar=False)
+        policy = make_policy("r1-router", pinned_alone=alone, image_entity=False, use_grammar=False)
         engine = Engine(model, StaticKBRegistry(_image_kbs(True)), policy, EngineConfig(top_k=2))
         from kbrouter.types import Question
 

@@ -19,6 +19,7 @@ from kbrouter.types import ChatMessage
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What is the capital of Australia?"
+SUB_QUESTION = "Which city is the capital of Australia?"  # not the question: a final call follows
 
 
 def reply(messages: list[ChatMessage]) -> str:
@@ -27,7 +28,7 @@ def reply(messages: list[ChatMessage]) -> str:
     if "<ret>" in system:
         if "Answer 1:" in last:
             return "<think>done</think><sub-question>None</sub-question><ret>None</ret>"
-        return f"<think>t</think><sub-question>{QUESTION}</sub-question><ret>text</ret>"
+        return f"<think>t</think><sub-question>{SUB_QUESTION}</sub-question><ret>text</ret>"
     return "<answer>Canberra</answer>"
 
 

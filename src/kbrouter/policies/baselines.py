@@ -186,7 +186,7 @@ class BaselineConfig(_Cfg):
         "example's 'Paris'/'the Seine' 13 times (direct: 7 of 60).",
     )
     table_reader: TableReader = Field(
-        "rows",
+        "sql",
         description="How retrieved tables are read: 'rows' or 'sql' (one model-written SQL "
         "query over the whole tables; see kbrouter.policies.readers).",
     )

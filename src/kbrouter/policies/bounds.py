@@ -62,8 +62,10 @@ class RandomKBPolicy(R1RouterPolicy):
         rt: Runtime,
         prompts: PromptBuilder,
         step: Step,
+        *,
+        keep_going: str | None = None,
     ) -> RouteAction | None:
-        action = await super()._route(question, history, rt, prompts, step)
+        action = await super()._route(question, history, rt, prompts, step, keep_going=keep_going)
         if action is None or action.is_stop:
             return action
         kb = self._draw(question, step, [kb.name for kb in rt.kbs])
@@ -98,6 +100,8 @@ class OracleKBPolicy(R1RouterPolicy):
         rt: Runtime,
         prompts: PromptBuilder,
         step: Step,
+        *,
+        keep_going: str | None = None,
     ) -> RouteAction | None:
         gold = self._gold.get(question.id or "")
         if gold is None:

@@ -182,6 +182,8 @@ class LearnedRouterPolicy(_RoutedPolicy):
         rt: Runtime,
         prompts: PromptBuilder,
         step: Step,
+        *,
+        keep_going: str | None = None,
     ) -> RouteAction | None:
         self._check_kbs(rt)
         dist = self._router.route(self._state(question, history, step))
@@ -195,6 +197,9 @@ class LearnedRouterPolicy(_RoutedPolicy):
                 f"learned router said none before the minimum "
                 f"{self.config.min_retrieval_steps} retrieval step(s); using {label}",
             )
+        elif label == NONE_LABEL and keep_going is not None and dist.best_kb:
+            label = dist.best_kb
+            self._note(rt, question, step, f"multi-hop continuation: {keep_going}; using {label}")
         if label == NONE_LABEL:
             self._note(rt, question, step, f"route by learned router: stop ({_fmt(dist)})")
             return RouteAction(think=f"learned router: stop ({_fmt(dist)})")
@@ -218,9 +223,11 @@ class HybridPolicy(_RoutedPolicy):
         rt: Runtime,
         prompts: PromptBuilder,
         step: Step,
+        *,
+        keep_going: str | None = None,
     ) -> RouteAction | None:
         self._check_kbs(rt)
-        action = await super()._route(question, history, rt, prompts, step)
+        action = await super()._route(question, history, rt, prompts, step, keep_going=keep_going)
         sure = self._router.is_confident
         if action is None:  # the LLM's reply was unusable (or failed): the router may rescue it
             dist = self._router.route(self._state(question, history, step))

@@ -407,21 +407,31 @@ def _gbnf_literal(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: longest reasoning the router grammar lets through (small models otherwise loop until the
+#: token cap and the reply has no tags); sub-questions are capped at 200 characters
+THINK_CHARS = 400
+
+
 def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True) -> str:
     """A GBNF grammar for the router output: think, then either ``None``/``None`` (only if
     ``allow_stop``) or one sub-question ending in ``?`` (so a bare ``None`` cannot pair with a
-    KB name) and one or more comma-separated KB names from ``kb_names``."""
+    KB name; without the stop branch it may not start with ``N`` or a space either, so it cannot
+    be ``None``) and one or more comma-separated KB names from ``kb_names``."""
     if not kb_names:
         raise ValueError("route_grammar needs at least one KB name")
     kb_alts = " | ".join(_gbnf_literal(n) for n in kb_names)
     branches = "( stop | go )" if allow_stop else "go"
+    # without the stop branch a sub-question may not start with "None" (small models write
+    # "None, None, ..." until the token cap)
+    subq = '[^<\\n?]{1,200} "?"' if allow_stop else '[^<\\n?N ] [^<\\n?]{0,199} "?"'
+
     return "\n".join(
         [
             f'root ::= "<think>" think "</think>" nl {branches}',
-            "think ::= [^<]*",
+            f"think ::= [^<]{{0,{THINK_CHARS}}}",
             'stop ::= "<sub-question>None</sub-question>" nl "<ret>None</ret>"',
             'go ::= "<sub-question>" subq "</sub-question>" nl "<ret>" kbs "</ret>"',
-            'subq ::= [^<\\n?]+ "?"',
+            f"subq ::= {subq}",
             'kbs ::= kb ( ", " kb )*',
             f"kb ::= {kb_alts}",
             'nl ::= "\\n"?',

@@ -21,10 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.errors import ModelOutputError
 from kbrouter.policies.base import Policy, Runtime
+from kbrouter.policies.continuation import (
+    anchored_sub_question,
+    asks_whole_question,
+    continuation_reason,
+)
 from kbrouter.policies.parser import parse_answer, parse_route
 from kbrouter.policies.prompts import Hop, PromptBuilder
 from kbrouter.policies.readers import TableReader, read_tables
-from kbrouter.reading.images import asks_what_image_shows, identified_entity
+from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
 from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
     Evidence,
@@ -70,19 +75,48 @@ class R1RouterConfig(BaseModel):
         "stop branch is excluded. The one default for `ask` and `eval` alike.",
     )
     image_entity: bool = Field(
-        False,
+        True,
         description="When the question's image matched an image-KB item above the KB's "
         "threshold and the sub-question asks what the image shows, answer it with that item's "
         "title without a model call (noted in the trace). See kbrouter.reading.images.",
     )
+    identify_first: bool = Field(
+        True,
+        description="With image_entity: the first image-KB step whose search matched the "
+        "question's image identifies it even when its sub-question asks more (recorded as "
+        "'What does the image show?'); the router then continues from the entity.",
+    )
     pinned_alone: bool = Field(
-        False,
+        True,
         description="When a search's best hit is an image-to-image match above the image KB's "
         "threshold (pinned), show only the pinned hits of that search: a small model otherwise "
         "names a lower-ranked item.",
     )
+    continue_after_entity: bool = Field(
+        True,
+        description="Multi-hop continuation: when the router stops right after a hop whose "
+        "answer names an entity while the question asks about more than that (content words "
+        "no sub-question or answer covers), ask it to go on (at most max_continuations times "
+        "per question). See kbrouter.policies.continuation.",
+    )
+    max_continuations: int = Field(
+        1, ge=0, description="Continuation checks per question (continue_after_entity)."
+    )
+    continue_min_uncovered: int = Field(
+        2,
+        ge=1,
+        description="Uncovered question content words that make a stop premature "
+        "(continue_after_entity).",
+    )
+    answer_from_question_hop: bool = Field(
+        True,
+        description="When the last sub-question asked the whole question (e.g. a continuation "
+        "anchored on the entity found, or a learned router's first hop), its answer is the "
+        "final answer without a final model call (the 0.5B otherwise repeats an earlier hop's "
+        "answer).",
+    )
     table_reader: TableReader = Field(
-        "rows",
+        "sql",
         description="How retrieved tables are read: 'rows' (shown as rows) or 'sql' (the model "
         "writes one SQL query, DuckDB runs it over the whole tables, the result is shown; "
         "falls back to the rows). See kbrouter.policies.readers.",
@@ -92,6 +126,19 @@ class R1RouterConfig(BaseModel):
     )
     route_max_tokens: int = Field(256, gt=0, description="Token cap of a router reply.")
     answer_max_tokens: int = Field(192, gt=0, description="Token cap of a (sub-)answer reply.")
+
+
+#: The reading path of the paper's loop (and of kbrouter before the evidence-to-answers
+#: settings became the default): tables shown as rows, no image identification, no
+#: multi-hop continuation, the final answer always written by a model call.
+PAPER_READING: dict[str, Any] = {
+    "image_entity": False,
+    "identify_first": False,
+    "pinned_alone": False,
+    "continue_after_entity": False,
+    "answer_from_question_hop": False,
+    "table_reader": "rows",
+}
 
 
 class R1RouterPolicy(Policy):
@@ -132,11 +179,17 @@ class R1RouterPolicy(Policy):
         traj = Trajectory(question=question, method=self.name, config=self.describe())
         history: list[Hop] = []
         stop_reason: StopReason = "budget"
+        continued = 0
+        identified = False  # an image-KB match has named what the question's image shows
 
         for index in range(rt.max_steps):
             step = Step(index=index)
             traj.steps.append(step)
-            action = await self._route(question, history, rt, prompts, step)
+            keep_going = self._keep_going(question, history, continued)
+            action = await self._route(question, history, rt, prompts, step, keep_going=keep_going)
+            if keep_going is not None and action is not None and not action.is_stop:
+                continued += 1
+                action = self._anchor(question, history, action, rt, step)
             if action is None:  # fallback: notes say why
                 stop_reason = (
                     "error" if any(c.error for c in step.route_calls) else "format_fallback"
@@ -158,22 +211,27 @@ class R1RouterPolicy(Policy):
                 evidence.extend(self._shown(r, rt))
             if not evidence:
                 self._note(rt, question, step, "no evidence retrieved; answering without it")
-            entity = (
-                identified_entity(step.retrievals)
-                if self.config.image_entity and asks_what_image_shows(action.sub_question)
-                else None
-            )
-            if entity is not None:
+            entity = identified_entity(step.retrievals) if self.config.image_entity else None
+            asked = asks_what_image_shows(action.sub_question)
+            if entity is not None and (asked or (self.config.identify_first and not identified)):
                 assert entity.title is not None
+                identified = True
                 step.sub_answer = entity.title
+                asked_text = action.sub_question if asked else IDENTIFY_QUESTION
                 self._note(
                     rt,
                     question,
                     step,
                     f"image identified by an image-to-image match ({entity.score:.2f}): "
-                    f"{entity.title}; answered without a model call",
+                    f"{entity.title}; answered without a model call"
+                    + (
+                        ""
+                        if asked
+                        else f" (the sub-question asks more than what the image shows, so this "
+                        f"step answers {IDENTIFY_QUESTION!r} and the question goes on)"
+                    ),
                 )
-                history.append(Hop(action.sub_question, step.sub_answer, tuple(action.kbs)))
+                history.append(Hop(asked_text, step.sub_answer, tuple(action.kbs)))
                 self._emit(rt, "sub_answer", question, step=step)
                 continue
             if self.config.table_reader == "sql":
@@ -200,6 +258,23 @@ class R1RouterPolicy(Policy):
             )
 
         traj.stop_reason = stop_reason
+        if (
+            self.config.answer_from_question_hop
+            and history
+            and asks_whole_question(question.text, history[-1].sub_question)
+            and history[-1].answer.strip()
+        ):
+            traj.answer = history[-1].answer.strip()
+            self._note(
+                rt,
+                question,
+                traj.steps[-1] if traj.steps else None,
+                "the last sub-question asked the whole question; its answer is the final "
+                "answer (no final model call)",
+            )
+            traj.seconds = time.perf_counter() - t0
+            self._emit(rt, "final", question, trajectory=traj)
+            return traj
         final = await rt.chat(
             "final", prompts.final_messages(question, history), self._answer_params()
         )
@@ -216,6 +291,36 @@ class R1RouterPolicy(Policy):
 
     # ------------------------------------------------------------------ pieces
 
+    def _keep_going(self, question: Question, history: list[Hop], continued: int) -> str | None:
+        """Why a stop at the coming step would be premature (multi-hop continuation), if so."""
+        if not self.config.continue_after_entity or continued >= self.config.max_continuations:
+            return None
+        return continuation_reason(
+            question.text, history, min_uncovered=self.config.continue_min_uncovered
+        )
+
+    def _anchor(
+        self,
+        question: Question,
+        history: list[Hop],
+        action: RouteAction,
+        rt: Runtime,
+        step: Step,
+    ) -> RouteAction:
+        """A continuing sub-question that names the entity found (see continuation.py)."""
+        assert action.sub_question is not None
+        anchored = anchored_sub_question(question.text, action.sub_question, history[-1].answer)
+        if anchored is None:
+            return action
+        self._note(
+            rt,
+            question,
+            step,
+            f"multi-hop continuation: the sub-question {action.sub_question!r} does not name "
+            f"{history[-1].answer.strip()!r}; asking {anchored!r}",
+        )
+        return action.model_copy(update={"sub_question": anchored})
+
     async def _route(
         self,
         question: Question,
@@ -223,15 +328,21 @@ class R1RouterPolicy(Policy):
         rt: Runtime,
         prompts: PromptBuilder,
         step: Step,
+        *,
+        keep_going: str | None = None,
     ) -> RouteAction | None:
-        """Route with bounded format retries; None means fall back (the notes say why)."""
+        """Route with bounded format retries; None means fall back (the notes say why).
+
+        ``keep_going``: why a stop now would be premature (see :meth:`_keep_going`); a stop is
+        then re-asked once with that message and without the grammar's stop branch."""
         base = prompts.route_messages(question, history)
         messages = base
         params = self._route_params(
             rt, prompts, allow_stop=step.index >= self.config.min_retrieval_steps
         )
-        attempts = self.config.max_format_retries + 1
-        for attempt in range(attempts):
+        failures = 0
+        stopped: RouteAction | None = None  # the router's own stop, if continuation was asked
+        while True:
             call = await rt.chat("route", messages, params)
             step.route_calls.append(call)
             if call.error:
@@ -244,18 +355,36 @@ class R1RouterPolicy(Policy):
                         "nothing has been retrieved yet; ask one sub-question and name a "
                         "knowledge base instead of None"
                     )
+                if action.is_stop and keep_going is not None and stopped is None:
+                    self._note(rt, question, step, f"multi-hop continuation: {keep_going}")
+                    stopped = action
+                    # re-asked with the same prompt and no stop branch (a corrective turn
+                    # makes small models copy the message instead of routing)
+                    params = self._route_params(rt, prompts, allow_stop=False)
+                    if not params.grammar:
+                        messages = prompts.corrective_messages(base, call.output, keep_going)
+                    continue
                 return action
             except ModelOutputError as e:
                 problem = str(e)
-            if attempt + 1 < attempts:
+            failures += 1
+            if failures <= self.config.max_format_retries:
                 self._note(
                     rt,
                     question,
                     step,
-                    f"router output rejected ({problem}); retry {attempt + 1} of "
+                    f"router output rejected ({problem}); retry {failures} of "
                     f"{self.config.max_format_retries}",
                 )
                 messages = prompts.corrective_messages(base, call.output, problem)
+            elif stopped is not None:
+                self._note(
+                    rt,
+                    question,
+                    step,
+                    f"router output rejected ({problem}); no retries left, keeping its stop",
+                )
+                return stopped
             else:
                 self._note(
                     rt,
@@ -264,7 +393,7 @@ class R1RouterPolicy(Policy):
                     f"router output rejected ({problem}); no retries left, answering with "
                     "what is known",
                 )
-        return None
+                return None
 
     async def _retrieve(
         self, question: Question, action: RouteAction, rt: Runtime, hop: int

@@ -14,17 +14,24 @@ from collections.abc import Sequence
 
 from kbrouter.types import Evidence, Modality, Retrieval
 
-__all__ = ["asks_what_image_shows", "identified_entity"]
+__all__ = ["IDENTIFY_QUESTION", "asks_what_image_shows", "identified_entity"]
 
+#: the sub-question an identification step answers
+IDENTIFY_QUESTION = "What does the image show?"
+
+# a few words between the wh-word and "shown" ("Which country's flag is shown"), none of them
+# starting a relative clause or a property ("... the capital of the country whose flag is shown")
+_FEW = r"(?:(?!(?:whose|where|which|that|of|in|on|from)\b)[\w'’-]+\s+){0,4}"
 _SHOWN = re.compile(
-    r"^\s*(what|which|who)\b[^?]*\b(shown|pictured|depicted|displayed|seen)\b"
+    r"^\s*(what|which|who)\s+" + _FEW + r"(shown|pictured|depicted|displayed|seen)\b"
     r"(\s+(in|on)\s+(the|this)\s+(image|picture|photo|photograph))?\s*[?.!]*\s*$",
     re.I,
 )
 _THIS = re.compile(r"^\s*(what|who|which)\s+(\w+\s+)?(is|are)\s+(this|these|it)\s*[?.!]*\s*$", re.I)
 _SHOW = re.compile(r"\bwhat\s+(does|do)\s+(the|this)\s+(image|picture|photo)\s+show\b", re.I)
 _IN_IMAGE = re.compile(
-    r"^\s*(what|who|which)\b[^?]*\b(is|are)\s+(in|on)\s+(the|this)\s+(image|picture|photo)\s*\??\s*$",
+    r"^\s*(what|who|which)\s+" + _FEW + r"(in|on)\s+(the|this)\s+(image|picture|photo|photograph)"
+    r"\s*[?.!]*\s*$",
     re.I,
 )
 

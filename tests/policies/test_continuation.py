@@ -1,0 +1,204 @@
+"""Multi-hop continuation, image identification first and the final answer from a hop that asked
+the whole question: the rules on their own, then the R1-Router loop on the scripted model over
+the real demo KBs (real image-to-image matching of the demo flags), with its exact calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kbrouter.engine.engine import Engine, EngineConfig
+from kbrouter.policies.continuation import (
+    anchored_sub_question,
+    asks_whole_question,
+    content_words,
+    continuation_reason,
+    is_entity_answer,
+)
+from kbrouter.policies.prompts import Hop
+from kbrouter.policies.r1router import R1RouterPolicy
+from kbrouter.reading.images import IDENTIFY_QUESTION
+from kbrouter.testing import ScriptedChatModel, demo_registry
+from kbrouter.types import Question
+
+DEMO = Path(__file__).resolve().parents[2] / "demo"
+FLAG_Q = "In which city is the national capital of the country whose flag is shown?"
+PEAK_Q = "What is the highest mountain in the country whose flag is shown?"
+STOP = "<think>enough</think><sub-question>None</sub-question><ret>None</ret>"
+
+
+def _route(sub_question: str, kb: str) -> str:
+    return f"<think>t</think><sub-question>{sub_question}</sub-question><ret>{kb}</ret>"
+
+
+# ---------------------------------------------------------------------------- the rules
+
+
+def test_content_words_drop_stop_words_and_image_references_and_fold_plurals():
+    assert content_words(FLAG_Q) == {"city", "national", "capital", "country", "flag"}
+    assert content_words("Which countries' flags?") == {"country", "flag"}
+
+
+def test_an_entity_hop_on_a_question_about_more_asks_to_continue():
+    hops = [Hop("What is shown in the image?", "Flag of Australia", ("images",))]
+    reason = continuation_reason(FLAG_Q, hops)
+    assert reason is not None
+    assert "'Flag of Australia'" in reason and "capital, city, country, national" in reason
+
+
+@pytest.mark.parametrize(
+    "question, hop",
+    [
+        # the sub-question already asked what the question asks: one uncovered word only
+        (
+            "Which architect designed the main public buildings of Brasília?",
+            Hop("Who designed the main public buildings of Brasília?", "Oscar Niemeyer"),
+        ),
+        # the answer is not an entity
+        (FLAG_Q, Hop("What is shown in the image?", "The evidence does not say.")),
+        (FLAG_Q, Hop("What is shown in the image?", "unknown")),
+        (FLAG_Q, Hop("What is shown in the image?", "")),
+        # a whole sentence is not an entity either
+        (FLAG_Q, Hop("What is shown?", "It is a blue flag with stars and a union jack on it")),
+    ],
+)
+def test_no_continuation_when_the_question_is_covered_or_the_answer_is_no_entity(question, hop):
+    assert continuation_reason(question, [hop]) is None
+
+
+def test_no_continuation_before_any_hop():
+    assert continuation_reason(FLAG_Q, []) is None
+
+
+def test_entity_answers():
+    assert is_entity_answer("Flag of Australia") and is_entity_answer("1844")
+    assert not is_entity_answer("not found") and not is_entity_answer("I cannot tell")
+
+
+def test_a_continuing_sub_question_must_name_the_entity():
+    # names nothing of "Flag of Australia" beyond what the question says: anchored
+    assert (
+        anchored_sub_question(FLAG_Q, "Which city is shown in the image?", "Flag of Australia")
+        == f"{FLAG_Q} (Flag of Australia)"
+    )
+    assert anchored_sub_question(FLAG_Q, "Where is the flag shown?", "Flag of Australia")
+    # names the entity: kept
+    assert anchored_sub_question(FLAG_Q, "What is the capital of Australia?", "Australia") is None
+
+
+def test_asks_whole_question():
+    assert asks_whole_question(FLAG_Q, f"  {FLAG_Q.upper()} (Flag of Australia)")
+    assert not asks_whole_question(FLAG_Q, "What is the capital of Australia?")
+    assert not asks_whole_question("", "anything")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def demo_kbs(tmp_path_factory: pytest.TempPathFactory):
+    """The demo KBs with their real encoders: the image KB matches flags image to image."""
+    reg = demo_registry(tmp_path_factory.mktemp("demo-dense"), lexical_only=False)
+    yield reg
+    reg.close()
+
+
+def _answer(kbs, outputs, question: Question, *, grammar: bool = False, **options):
+    model = ScriptedChatModel(outputs, supports_grammar=grammar)
+    policy = R1RouterPolicy(min_retrieval_steps=1, **options)
+    engine = Engine(model, kbs, policy, EngineConfig(max_steps=3, top_k=3))
+    return engine.answer_sync(question), model
+
+
+def test_flag_capital_identifies_continues_anchors_and_answers_from_the_last_hop(demo_kbs):
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),  # hop 1: answered by the image match
+        STOP,  # the router stops after the entity: asked to go on
+        _route("Which city is shown in the image?", "text"),  # names no entity: anchored
+        "<answer>Canberra</answer>",  # sub-answer of hop 2
+        STOP,  # accepted: one continuation per question
+    ]
+    traj, model = _answer(demo_kbs, outputs, question)
+
+    assert traj.error is None and traj.answer == "Canberra"
+    assert [c.purpose for c in traj.model_calls()] == [
+        "route",
+        "route",
+        "route",
+        "sub_answer",
+        "route",
+    ]  # no sub-answer call for hop 1, no final call
+    s0, s1, s2 = traj.steps
+    assert s0.retrievals[0].evidence[0].id == "flag_au"
+    assert s0.retrievals[0].evidence[0].metadata.get("pinned")
+    assert s0.sub_answer == "Flag of Australia" and s0.answer_call is None
+    assert any("without a model call" in n for n in s0.notes)
+    # the stop was answered with a corrective turn naming the uncovered words (no grammar here)
+    assert any(n.startswith("multi-hop continuation: the answer so far") for n in s1.notes)
+    assert "capital, city, country, national" in s1.route_calls[1].messages[-1].text()
+    anchored = f"{FLAG_Q} (Flag of Australia)"
+    assert s1.action is not None and s1.action.sub_question == anchored
+    assert s1.retrievals[0].kb == "text" and s1.retrievals[0].query.text == anchored
+    assert "canberra" in [e.id for e in s1.retrievals[0].evidence]
+    assert s2.action is not None and s2.action.is_stop
+    assert any("its answer is the final answer" in n for n in s2.notes)
+    assert traj.final_call is None
+
+
+def test_continuation_with_a_grammar_re_asks_the_same_prompt_without_the_stop_branch(demo_kbs):
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        STOP,
+        _route("What is the capital of Australia?", "text"),  # names the entity: kept
+        "<answer>Canberra</answer>",
+        STOP,
+        "<answer>Canberra</answer>",  # final: the last sub-question was not the whole question
+    ]
+    traj, model = _answer(demo_kbs, outputs, question, grammar=True)
+    assert traj.answer == "Canberra"
+    first, again = traj.steps[1].route_calls
+    assert again.messages == first.messages  # no corrective turn
+    # route grammars: step 0 (no stop before a retrieval), step 1, its re-ask, step 2
+    grammars = [params.grammar for _, params in model.requests if params.grammar]
+    assert len(grammars) == 4
+    assert "( stop | go )" in grammars[1] and "( stop | go )" not in grammars[2]
+    assert 'subq ::= [^<\\n?N ] [^<\\n?]{0,199} "?"' in grammars[2]  # cannot write "None"
+    assert traj.steps[1].action.sub_question == "What is the capital of Australia?"
+    assert [c.purpose for c in traj.model_calls()][-1] == "final"
+
+
+def test_identify_first_answers_the_image_hop_and_goes_on_from_the_entity(demo_kbs):
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
+    outputs = [
+        _route(PEAK_Q, "images"),  # the router asks the whole question of the image KB
+        _route("What is the highest mountain in Kenya?", "tables"),
+        "<answer>Mount Kenya</answer>",
+        STOP,
+        "<answer>Mount Kenya</answer>",
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows")
+    s0 = traj.steps[0]
+    assert s0.sub_answer == "Flag of Kenya" and s0.answer_call is None
+    assert any(f"this step answers {IDENTIFY_QUESTION!r}" in n for n in s0.notes)
+    # the router sees the identification, not the whole question, as hop 1
+    hop2_prompt = traj.steps[1].route_calls[0].messages[-1].text()
+    assert f"Sub-question 1: {IDENTIFY_QUESTION}\nAnswer 1: Flag of Kenya" in hop2_prompt
+    assert traj.answer == "Mount Kenya"
+
+
+def test_the_paper_reading_path_stops_where_the_router_says(demo_kbs):
+    from kbrouter.policies.r1router import PAPER_READING
+
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        "<answer>Flag of Australia</answer>",
+        STOP,
+        "<answer>Flag of Australia</answer>",
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question, **PAPER_READING)
+    assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]
+    assert traj.answer == "Flag of Australia"
