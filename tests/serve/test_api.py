@@ -252,3 +252,46 @@ def test_a_client_that_disconnects_cancels_its_remaining_model_calls(registry):
         time.sleep(1.5)  # an uncancelled question would make 3 more calls in this time
         assert len(slow.requests) <= made + 1  # at most the call that was already running
         assert made < 5
+
+
+def test_multipart_upload_and_body_limits(registry):
+    flag = REPO / "demo" / "questions" / "flag.jpg"
+    with _client(registry, max_body_bytes=200_000) as c:
+        r = c.post(
+            "/v1/answer",
+            data={"question": QUESTION, "top_k": "2"},
+            files={"image": ("flag.jpg", flag.read_bytes(), "image/jpeg")},
+        )
+        assert r.status_code == 200, r.text
+        traj = r.json()["trajectory"]
+        assert traj["question"]["image"] and traj["answer"] == "Canberra"
+        assert traj["config"]["policy"] == "r1router"
+        # bad parts: a text "image", a second file, an unknown field, garbage bytes
+        r = c.post("/v1/answer", data={"question": QUESTION, "image": "not a file"})
+        assert r.status_code == 400 and "file upload" in r.json()["error"]["message"], r.text
+        r = c.post(
+            "/v1/answer",
+            data={"question": QUESTION},
+            files={"image": ("x.jpg", b"not an image", "image/jpeg")},
+        )
+        assert r.status_code == 400 and "not a decodable image" in r.json()["error"]["message"]
+        r = c.post("/v1/answer", data={"question": QUESTION, "colour": "red"})
+        assert r.status_code == 422 and "colour" in r.json()["error"]["message"]
+        r = c.post(
+            "/v1/answer",
+            content=b'--xx\r\nContent-Disposition: form-data; name="question"\r\n\r\nq',
+            headers={"content-type": "multipart/form-data; boundary=xx"},
+        )
+        assert r.status_code in (400, 422)
+        # bodies over the limit are refused before parsing: by length and when chunked
+        big = {"question": QUESTION, "image_base64": "A" * 300_000}
+        r = c.post("/v1/answer", json=big)
+        assert r.status_code == 413 and "exceeds 200000 bytes" in r.json()["error"]["message"]
+
+        def chunks():
+            for _ in range(30):
+                yield b"x" * 10_000
+
+        r = c.post("/v1/search", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.get("/healthz").status_code == 200  # still serving

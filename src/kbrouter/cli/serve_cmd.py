@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -28,7 +29,7 @@ def serve_command(
     /v1/chat/completions, /v1/search, /v1/kbs; OpenAPI at /openapi.json."""
     from kbrouter.cli.ask_cmd import _load_model, _open_registry
     from kbrouter.errors import ConfigError
-    from kbrouter.serve.app import ServeConfig, create_app
+    from kbrouter.serve.app import create_app
 
     with cli_errors():
         key = None
@@ -36,18 +37,7 @@ def serve_command(
             key = os.environ.get(api_key_env)
             if not key:
                 raise ConfigError(f"--api-key-env {api_key_env}: that variable is not set")
-        methods = ["r1-router", "all-kbs", "iterretgen", "direct"]
-        if router is not None:
-            methods += ["learned-router", "hybrid"]
-        if method not in methods:
-            methods.insert(0, method)
-        config = ServeConfig(
-            default_method=method,
-            methods=methods,
-            router=str(router) if router else None,
-            max_concurrent=max_concurrent,
-            api_key=key,
-        )
+        config = _config(method, router, max_concurrent, api_key=key)
         registry = _open_registry(kbs, quiet=False)
         chat_model = _load_model(model, quiet=False)
         app = create_app(chat_model, registry, config)
@@ -57,5 +47,57 @@ def serve_command(
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+def _config(method: str, router: Path | None, max_concurrent: int, **extra: Any) -> Any:
+    from kbrouter.serve.app import ServeConfig
+
+    methods = ["r1-router", "all-kbs", "iterretgen", "direct"]
+    if router is not None:
+        methods += ["learned-router", "hybrid"]
+    if method not in methods:
+        methods.insert(0, method)
+    return ServeConfig(
+        default_method=method,
+        methods=methods,
+        router=str(router) if router else None,
+        max_concurrent=max_concurrent,
+        **extra,
+    )
+
+
+def mcp_command(
+    kbs: Path = typer.Option(DEMO_CONFIG, "--kbs", "-c", help="kbs.toml of the KBs to serve."),
+    model: str = typer.Option("llama-cpp", "--model", "-m", help="Chat backend spec."),
+    router: Path | None = typer.Option(
+        None, "--router", help="Saved learned router (adds learned-router and hybrid)."
+    ),
+    method: str = typer.Option("r1-router", "--method", help="Default method of `ask`."),
+    transport: str = typer.Option(
+        "stdio", "--transport", help="stdio (spawned by an agent) or http (streamable HTTP)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface (http transport)."),
+    port: int = typer.Option(8001, "--port", help="Port (http transport)."),
+    max_concurrent: int = typer.Option(4, "--max-concurrent", min=1, help="Questions at once."),
+) -> None:
+    """Serve kbrouter as an MCP server: tools list_kbs, search(kb, query, k) and ask(question)."""
+    from kbrouter.cli.ask_cmd import _load_model, _open_registry
+    from kbrouter.errors import ConfigError
+    from kbrouter.serve.mcp import create_mcp_server
+
+    with cli_errors():
+        if transport not in ("stdio", "http"):
+            raise ConfigError(f"--transport must be stdio or http, not {transport!r}")
+        config = _config(method, router, max_concurrent)
+        # stdout is the stdio transport's channel: progress and notes go to stderr only
+        registry = _open_registry(kbs, quiet=True)
+        chat_model = _load_model(model, quiet=True)
+        server = create_mcp_server(chat_model, registry, config)
+    if transport == "stdio":
+        server.run("stdio")
+    else:
+        err_console.print(f"MCP over streamable HTTP on http://{host}:{port}/mcp")
+        server.run("streamable-http", host=host, port=port)
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
+    app.command("mcp")(mcp_command)

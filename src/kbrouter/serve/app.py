@@ -7,9 +7,10 @@
 ``GET /v1/kbs``, ``POST /v1/search``
     The KBs (names, descriptions, modality, aliases, size); one KB searched directly.
 ``POST /v1/answer``
-    A question (optional base64 image, method, budget, top-k) -> the answer and the full
-    trajectory; with ``"stream": true`` or ``Accept: text/event-stream`` the steps arrive as
-    server-sent events (:mod:`kbrouter.serve.events`). A client that disconnects cancels its
+    A question (optional image, method, budget, top-k) as JSON (image base64) or as
+    ``multipart/form-data`` (image as a file part) -> the answer and the full trajectory;
+    with ``"stream": true`` or ``Accept: text/event-stream`` the steps arrive as server-sent
+    events (:mod:`kbrouter.serve.events`). A client that disconnects cancels its
     question's remaining model calls.
 ``GET /v1/models``, ``POST /v1/chat/completions``
     OpenAI-compatible: ``model`` picks the method (``kbrouter/r1-router``, ...); image parts of
@@ -19,6 +20,7 @@
 ``GET /v1/images/{kb}/{doc_id}``
     The picture of an image-KB item (looked up by id, never by a client path).
 
+Request bodies over ``ServeConfig.max_body_bytes`` are refused (413) before anything parses them.
 One engine per (method, budget, top-k) is shared by all requests; at most
 ``ServeConfig.max_concurrent`` questions run at once (429 beyond). With an API key configured,
 requests need ``Authorization: Bearer <key>`` or ``X-API-Key`` (constant-time comparison; the key
@@ -54,11 +56,19 @@ from kbrouter.engine.runtime import KBSource
 from kbrouter.errors import KBRouterError, ModelUnavailableError, UnknownKBError
 from kbrouter.models.base import ChatModel
 from kbrouter.serve.events import evidence_json, sse_events
-from kbrouter.types import ChatMessage, Evidence, Query, Question, SamplingParams, TraceEvent
+from kbrouter.types import (
+    ChatMessage,
+    Evidence,
+    Query,
+    Question,
+    SamplingParams,
+    TraceEvent,
+    Trajectory,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnswerRequest", "SearchRequest", "ServeConfig", "create_app"]
+__all__ = ["AnswerRequest", "AnswerUpload", "SearchRequest", "ServeConfig", "create_app"]
 
 
 class ServeConfig(BaseModel):
@@ -78,6 +88,11 @@ class ServeConfig(BaseModel):
     max_question_chars: int = Field(4000, gt=0, description="Longest question accepted.")
     max_image_bytes: int = Field(10_000_000, gt=0, description="Largest image upload (bytes).")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest image (pixels).")
+    max_body_bytes: int = Field(
+        16_000_000,
+        gt=0,
+        description="Largest request body, checked before anything is parsed (413 beyond).",
+    )
     api_key: SecretStr | None = Field(None, description="Required key (None: no auth).")
 
 
@@ -92,6 +107,107 @@ class AnswerRequest(BaseModel):
     max_steps: int | None = Field(None, ge=0, le=10)
     top_k: int | None = Field(None, gt=0, le=50)
     stream: bool = False
+
+
+class AnswerUpload(BaseModel):
+    """``POST /v1/answer`` as ``multipart/form-data``: the same fields as form fields, and the
+    image as a file part named ``image``."""
+
+    question: str
+    image: bytes | None = Field(None, json_schema_extra={"format": "binary"})
+    method: str | None = None
+    max_steps: int | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, gt=0, le=50)
+    stream: bool = False
+
+
+async def _answer_request(request: Request) -> tuple[AnswerRequest, bytes | None]:
+    """The answer request from a JSON or a multipart body (400 naming what is wrong)."""
+    from pydantic import ValidationError
+
+    ctype = request.headers.get("content-type", "")
+    upload: bytes | None = None
+    try:
+        if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            try:
+                form = await request.form(max_files=1, max_fields=16)
+            except Exception as e:  # noqa: BLE001 - a malformed multipart body
+                raise _HTTPError(400, f"malformed multipart body: {e}") from None
+            fields: dict[str, Any] = {}
+            for key, value in form.multi_items():
+                if key == "image" and not isinstance(value, str):
+                    upload = await value.read()
+                elif key == "image":
+                    raise _HTTPError(400, "the 'image' part must be a file upload")
+                elif isinstance(value, str):
+                    fields[key] = value
+                else:
+                    raise _HTTPError(400, f"unexpected file part {key!r}")
+            if "image_base64" in fields:
+                raise _HTTPError(400, "send the image as a file part named 'image'")
+            req = AnswerRequest.model_validate(fields)
+        else:
+            raw = await request.body()
+            req = AnswerRequest.model_validate_json(raw or b"null")
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise _HTTPError(422, f"invalid answer request: {problems}") from None
+    return req, upload
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body larger than ``limit`` bytes is refused with 413 before
+    any handler parses it (by Content-Length, or while reading a chunked body)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._refuse(send)
+            return
+        body: list[dict] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                body.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            body.append(message)
+            if not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return body.pop(0) if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        payload = json.dumps(
+            {"error": {"message": f"the request body exceeds {self.limit} bytes"}}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
 
 
 class SearchRequest(BaseModel):
@@ -204,7 +320,7 @@ class Service:
         path.write_bytes(raw)
         return path
 
-    def question(self, text: str, image: str | None) -> Question:
+    def question(self, text: str, image: str | bytes | None) -> Question:
         text = text.strip()
         if not text:
             raise _HTTPError(400, "the question is empty")
@@ -227,7 +343,7 @@ class Service:
         self.in_flight += 1
         return _Ticket(self)
 
-    async def admit(self, text: str, image: str | None) -> tuple[Question, _Ticket]:
+    async def admit(self, text: str, image: str | bytes | None) -> tuple[Question, _Ticket]:
         """Take a slot, then store the question (and its upload); both are released together."""
         ticket = await self.ticket()
         try:
@@ -237,6 +353,54 @@ class Service:
             raise
         ticket.image = question.image
         return question, ticket
+
+    def kb_list(self) -> list[dict[str, Any]]:
+        """Name, description, modality, size and index facts of every KB."""
+        out = []
+        for info in self.registry.infos:
+            try:
+                size: int | None = len(self.registry.get(info.name))
+            except (KBRouterError, NotImplementedError, TypeError):
+                size = None
+            out.append({**info.model_dump(mode="json"), "size": size})
+        return out
+
+    async def search(
+        self, kb: str, query: str, k: int, image_base64: str | None = None
+    ) -> dict[str, Any]:
+        """One KB's top-``k`` evidence for ``query`` (and an optional image)."""
+        try:
+            name = self.registry.resolve(kb)
+        except UnknownKBError as e:
+            raise _HTTPError(400, str(e)) from None
+        if not query.strip():
+            raise _HTTPError(400, "the query is empty")
+        image = self.save_image(image_base64) if image_base64 else None
+        try:
+            [hits] = await asyncio.to_thread(
+                self.registry.get(name).search, [Query(text=query, image=image)], k
+            )
+        except KBRouterError as e:
+            raise _HTTPError(400, str(e)) from None
+        finally:
+            if image is not None:
+                image.unlink(missing_ok=True)
+        return {"kb": name, "evidence": [evidence_json(e, _image_url(e)) for e in hits]}
+
+    async def answer(
+        self, question: Question, engine: Engine, ticket: _Ticket, on_event: Any = None
+    ) -> Trajectory:
+        """Answer an admitted question on the shared engine and release its slot; a 503 when
+        the model is unreachable or the answer failed on a model error."""
+        try:
+            traj = await engine.answer(question, on_event=on_event)
+        except ModelUnavailableError as e:
+            raise _HTTPError(503, f"the model server cannot be reached: {e}") from None
+        finally:
+            ticket.release()
+        if traj.error and traj.stop_reason == "error":
+            raise _HTTPError(503, f"answering failed: {traj.error}")
+        return traj
 
     async def maybe_recheck(self) -> None:
         """Re-run the readiness check (at most every 5 s) while not ready."""
@@ -289,6 +453,7 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
 
     @app.exception_handler(_HTTPError)
     async def _http_error(request: Request, exc: _HTTPError) -> JSONResponse:
@@ -322,32 +487,11 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
 
     @app.get("/v1/kbs", dependencies=guarded)
     async def kbs() -> dict[str, Any]:
-        out = []
-        for info in registry.infos:
-            try:
-                size: int | None = len(registry.get(info.name))
-            except (KBRouterError, NotImplementedError, TypeError):
-                size = None
-            out.append({**info.model_dump(mode="json"), "size": size})
-        return {"kbs": out}
+        return {"kbs": service.kb_list()}
 
     @app.post("/v1/search", dependencies=guarded)
     async def search(req: SearchRequest) -> dict[str, Any]:
-        try:
-            name = registry.resolve(req.kb)
-        except UnknownKBError as e:
-            raise _HTTPError(400, str(e)) from None
-        image = service.save_image(req.image_base64) if req.image_base64 else None
-        try:
-            [hits] = await asyncio.to_thread(
-                registry.get(name).search, [Query(text=req.query, image=image)], req.k
-            )
-        except KBRouterError as e:
-            raise _HTTPError(400, str(e)) from None
-        finally:
-            if image is not None:
-                image.unlink(missing_ok=True)
-        return {"kb": name, "evidence": [evidence_json(e, _image_url(e)) for e in hits]}
+        return await service.search(req.kb, req.query, req.k, req.image_base64)
 
     @app.get("/v1/images/{kb}/{doc_id:path}", dependencies=guarded)
     async def image(kb: str, doc_id: str) -> FileResponse:
@@ -402,18 +546,26 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
         # the background task releases the slot even if the stream never started
         return EventSourceResponse(events(), background=BackgroundTask(ticket.release))
 
-    @app.post("/v1/answer", dependencies=guarded)
-    async def answer(req: AnswerRequest, request: Request) -> Any:
+    @app.post(
+        "/v1/answer",
+        dependencies=guarded,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": AnswerRequest.model_json_schema()},
+                    "multipart/form-data": {"schema": AnswerUpload.model_json_schema()},
+                },
+            }
+        },
+    )
+    async def answer(request: Request) -> Any:
+        req, upload = await _answer_request(request)
         engine = service.engine(req.method, req.max_steps, req.top_k)
-        question, ticket = await service.admit(req.question, req.image_base64)
+        question, ticket = await service.admit(req.question, upload or req.image_base64)
         if req.stream or "text/event-stream" in request.headers.get("accept", ""):
             return stream(question, engine, ticket)
-        try:
-            traj = await run(question, engine)
-        finally:
-            ticket.release()
-        if traj.error and traj.stop_reason == "error":
-            raise _HTTPError(503, f"answering failed: {traj.error}")
+        traj = await service.answer(question, engine, ticket)
         return {"answer": traj.answer, "trajectory": traj.model_dump(mode="json")}
 
     @app.get("/v1/models", dependencies=guarded)
