@@ -24,6 +24,12 @@ def serve_command(
         None, "--api-key-env", help="Environment variable holding the API key clients must send."
     ),
     max_concurrent: int = typer.Option(8, "--max-concurrent", min=1, help="Questions at once."),
+    otlp_endpoint: str | None = typer.Option(
+        None,
+        "--otlp-endpoint",
+        help="OTLP/HTTP collector for OpenInference spans, e.g. http://127.0.0.1:4318 "
+        "(default: no tracing).",
+    ),
 ) -> None:
     """Serve kbrouter over HTTP: /v1/answer (with streamed steps), an OpenAI-compatible
     /v1/chat/completions, /v1/search, /v1/kbs; OpenAPI at /openapi.json."""
@@ -37,7 +43,7 @@ def serve_command(
             key = os.environ.get(api_key_env)
             if not key:
                 raise ConfigError(f"--api-key-env {api_key_env}: that variable is not set")
-        config = _config(method, router, max_concurrent, api_key=key)
+        config = _config(method, router, max_concurrent, api_key=key, otlp_endpoint=otlp_endpoint)
         registry = _open_registry(kbs, quiet=False)
         chat_model = _load_model(model, quiet=False)
         app = create_app(chat_model, registry, config)

@@ -94,6 +94,11 @@ class ServeConfig(BaseModel):
         description="Largest request body, checked before anything is parsed (413 beyond).",
     )
     api_key: SecretStr | None = Field(None, description="Required key (None: no auth).")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector for OpenInference spans (None: no tracing); see "
+        "kbrouter.serve.tracing.",
+    )
 
 
 class AnswerRequest(BaseModel):
@@ -230,8 +235,15 @@ class _HTTPError(Exception):
 class Service:
     """What the app's handlers share: model, KBs, engines, limits, uploaded images."""
 
-    def __init__(self, model: ChatModel, registry: KBSource, config: ServeConfig) -> None:
+    def __init__(
+        self, model: ChatModel, registry: KBSource, config: ServeConfig, tracer: Any = None
+    ) -> None:
         self.model, self.registry, self.config = model, registry, config
+        if tracer is None and config.otlp_endpoint:
+            from kbrouter.serve.tracing import tracer_from_endpoint
+
+            tracer = tracer_from_endpoint(config.otlp_endpoint, model_name=_model_name(model))
+        self.tracer = tracer
         self.engines: dict[tuple[str, int, int], Engine] = {}
         self.slots = asyncio.Semaphore(config.max_concurrent)
         self.in_flight = 0
@@ -387,15 +399,23 @@ class Service:
                 image.unlink(missing_ok=True)
         return {"kb": name, "evidence": [evidence_json(e, _image_url(e)) for e in hits]}
 
+    async def run(self, question: Question, engine: Engine, on_event: Any = None) -> Trajectory:
+        """``engine.answer`` (inside OpenInference spans when tracing is on); 503 when the
+        model server cannot be reached."""
+        try:
+            if self.tracer is not None:
+                return await self.tracer.answer(engine, question, on_event)
+            return await engine.answer(question, on_event=on_event)
+        except ModelUnavailableError as e:
+            raise _HTTPError(503, f"the model server cannot be reached: {e}") from None
+
     async def answer(
         self, question: Question, engine: Engine, ticket: _Ticket, on_event: Any = None
     ) -> Trajectory:
         """Answer an admitted question on the shared engine and release its slot; a 503 when
         the model is unreachable or the answer failed on a model error."""
         try:
-            traj = await engine.answer(question, on_event=on_event)
-        except ModelUnavailableError as e:
-            raise _HTTPError(503, f"the model server cannot be reached: {e}") from None
+            traj = await self.run(question, engine, on_event)
         finally:
             ticket.release()
         if traj.error and traj.stop_reason == "error":
@@ -434,10 +454,26 @@ def _image_url(ev: Evidence) -> str | None:
     return f"/v1/images/{quote(ev.kb, safe='')}/{quote(ev.doc_id, safe='')}"
 
 
-def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``model`` over ``registry`` (see the module docstring)."""
+def _model_name(model: ChatModel) -> str:
+    try:
+        return str(model.describe().get("name") or type(model).__name__)
+    except Exception:  # noqa: BLE001 - a name for spans only
+        return type(model).__name__
+
+
+def create_app(
+    model: ChatModel,
+    registry: KBSource,
+    config: ServeConfig | None = None,
+    *,
+    tracer: Any = None,
+) -> FastAPI:
+    """The FastAPI app serving ``model`` over ``registry`` (see the module docstring).
+
+    ``tracer``: an :class:`~kbrouter.serve.tracing.OpenInferenceTracer` (else one is built when
+    ``config.otlp_endpoint`` is set; else no spans)."""
     cfg = config or ServeConfig()
-    service = Service(model, registry, cfg)
+    service = Service(model, registry, cfg, tracer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -505,11 +541,7 @@ def create_app(model: ChatModel, registry: KBSource, config: ServeConfig | None 
             raise _HTTPError(404, f"no image {doc_id!r} in KB {kb!r}")
         return FileResponse(paths[0])
 
-    async def run(question: Question, engine: Engine, on_event: Any = None) -> Any:
-        try:
-            return await engine.answer(question, on_event=on_event)
-        except ModelUnavailableError as e:
-            raise _HTTPError(503, f"the model server cannot be reached: {e}") from None
+    run = service.run
 
     def stream(question: Question, engine: Engine, ticket: _Ticket) -> Any:
         converter = sse_events(question.id or "", _image_url)
