@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kbrouter.serve.app import ServeConfig, create_app
-from kbrouter.testing import ScriptedChatModel, demo_registry
+from kbrouter.testing import LiveServer, ScriptedChatModel, demo_registry
 from kbrouter.types import ChatMessage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,35 +157,11 @@ def test_a_failing_model_is_a_503_for_that_request_only(registry):
         assert c.post("/v1/answer", json={"question": QUESTION}).status_code == 200
 
 
-class _Server:
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def test_the_official_openai_client_streaming_and_not(registry):
     import openai
 
     app = create_app(ScriptedChatModel(reply), registry, ServeConfig(api_key="k"))
-    with _Server(app) as s:
+    with LiveServer(app) as s:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="k")
         assert "kbrouter/r1-router" in [m.id for m in client.models.list()]
         msgs = [{"role": "user", "content": QUESTION}]
@@ -210,7 +185,7 @@ def test_saturation_is_a_clear_429(registry):
 
     slow = ScriptedChatModel(reply, latency=0.3)
     app = create_app(slow, registry, ServeConfig(max_concurrent=1))
-    with _Server(app) as s:
+    with LiveServer(app) as s:
         url = f"http://127.0.0.1:{s.port}/v1/answer"
         results: list[int] = []
         flag = base64.b64encode((REPO / "demo" / "questions" / "flag.jpg").read_bytes()).decode()
@@ -241,7 +216,7 @@ def test_a_client_that_disconnects_cancels_its_remaining_model_calls(registry):
 
     slow = ScriptedChatModel(reply, latency=0.4)
     app = create_app(slow, registry, ServeConfig())
-    with _Server(app) as s:
+    with LiveServer(app) as s:
         url = f"http://127.0.0.1:{s.port}/v1/answer"
         with httpx.stream("POST", url, json={"question": QUESTION, "stream": True}) as r:
             for line in r.iter_lines():

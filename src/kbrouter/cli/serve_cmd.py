@@ -24,6 +24,11 @@ def serve_command(
         None, "--api-key-env", help="Environment variable holding the API key clients must send."
     ),
     max_concurrent: int = typer.Option(8, "--max-concurrent", min=1, help="Questions at once."),
+    results: list[Path] = typer.Option(
+        [],
+        "--results",
+        help="An evaluation results directory the trace viewer may browse (repeatable).",
+    ),
     otlp_endpoint: str | None = typer.Option(
         None,
         "--otlp-endpoint",
@@ -49,7 +54,9 @@ def serve_command(
         app = create_app(chat_model, registry, config)
     import uvicorn
 
-    err_console.print(f"serving on http://{host}:{port} (OpenAPI at /openapi.json)")
+    err_console.print(
+        f"serving on http://{host}:{port} (trace viewer at /, OpenAPI at /openapi.json)"
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -19,6 +19,10 @@
     ``kbrouter`` field (non-streaming) or the last chunk's.
 ``GET /v1/images/{kb}/{doc_id}``
     The picture of an image-KB item (looked up by id, never by a client path).
+``GET /`` (the trace viewer), ``GET /v1/results[/{name}[/{question id}]]``
+    A plain HTML/JS page (package data, no build step) to ask a question and watch its steps
+    arrive, compare two methods, and browse the evaluation results directories the server was
+    started with (by name; a trajectory as the viewer shows it, no server paths).
 
 Request bodies over ``ServeConfig.max_body_bytes`` are refused (413) before anything parses them.
 One engine per (method, budget, top-k) is shared by all requests; at most
@@ -55,7 +59,7 @@ from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.engine.runtime import KBSource
 from kbrouter.errors import KBRouterError, ModelUnavailableError, UnknownKBError
 from kbrouter.models.base import ChatModel
-from kbrouter.serve.events import evidence_json, sse_events
+from kbrouter.serve.events import evidence_json, sse_events, trajectory_view
 from kbrouter.types import (
     ChatMessage,
     Evidence,
@@ -94,6 +98,10 @@ class ServeConfig(BaseModel):
         description="Largest request body, checked before anything is parsed (413 beyond).",
     )
     api_key: SecretStr | None = Field(None, description="Required key (None: no auth).")
+    results_dirs: list[str] = Field(
+        default_factory=list,
+        description="Evaluation results directories the trace viewer may browse (by name only).",
+    )
     otlp_endpoint: str | None = Field(
         None,
         description="OTLP/HTTP collector for OpenInference spans (None: no tracing); see "
@@ -454,6 +462,66 @@ def _image_url(ev: Evidence) -> str | None:
     return f"/v1/images/{quote(ev.kb, safe='')}/{quote(ev.doc_id, safe='')}"
 
 
+STATIC = Path(__file__).resolve().parent / "static"
+VIEWER_FILES = {
+    "index.html": "text/html",
+    "viewer.js": "text/javascript",
+    "viewer.css": "text/css",
+}
+
+
+def _results_index(dirs: list[str]) -> dict[str, Path]:
+    """Configured results directories by a unique name (the folder name, numbered if needed)."""
+    out: dict[str, Path] = {}
+    for d in dirs:
+        path = Path(d).resolve()
+        name, n = path.name or "results", 2
+        while name in out:
+            name, n = f"{path.name}-{n}", n + 1
+        out[name] = path
+    return out
+
+
+def _results_summary(name: str, path: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    return {
+        "name": name,
+        "method": summary.get("method"),
+        "dataset": summary.get("dataset"),
+        "questions": summary.get("questions", 0),
+        "f1_recall": summary.get("f1_recall"),
+    }
+
+
+def _records(index: dict[str, Path], name: str) -> list[dict[str, Any]]:
+    from kbrouter.eval.harness import load_results
+
+    if name not in index:
+        offered = ", ".join(index) or "none"
+        raise _HTTPError(404, f"no results {name!r}; this server offers {offered}")
+    return load_results(index[name])
+
+
+def _result_item(r: dict[str, Any]) -> dict[str, Any]:
+    traj = r.get("trajectory") or {}
+    kbs = sorted(
+        {x["kb"] for s in traj.get("steps", []) for x in s.get("retrievals", []) if x.get("kb")}
+    )
+    stage = (r.get("attribution") or {}).get("stage")
+    f1 = (r.get("scores") or {}).get("f1_recall", 0.0)
+    return {
+        "id": str(r.get("id")),
+        "question": r.get("question") or traj.get("question", {}).get("text", ""),
+        "prediction": r.get("prediction", ""),
+        "f1_recall": f1,
+        "correct": stage == "correct" if stage else f1 >= 0.5,
+        "stage": stage,
+        "kbs": kbs,
+    }
+
+
 def _model_name(model: ChatModel) -> str:
     try:
         return str(model.describe().get("name") or type(model).__name__)
@@ -599,6 +667,36 @@ def create_app(
             return stream(question, engine, ticket)
         traj = await service.answer(question, engine, ticket)
         return {"answer": traj.answer, "trajectory": traj.model_dump(mode="json")}
+
+    results = _results_index(cfg.results_dirs)
+
+    @app.get("/", include_in_schema=False)
+    async def viewer_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/viewer/{name}", include_in_schema=False)
+    async def viewer_file(name: str) -> FileResponse:
+        if name not in VIEWER_FILES:  # a fixed set of package files, never a client path
+            raise _HTTPError(404, f"no viewer file {name!r}")
+        return FileResponse(STATIC / name, media_type=VIEWER_FILES[name])
+
+    @app.get("/v1/results", dependencies=guarded)
+    async def results_dirs() -> dict[str, Any]:
+        return {"results": [_results_summary(n, d) for n, d in results.items()]}
+
+    @app.get("/v1/results/{name}", dependencies=guarded)
+    async def results_items(name: str) -> dict[str, Any]:
+        records = _records(results, name)
+        items = [_result_item(r) for r in records]
+        return {**_results_summary(name, results[name]), "items": items}
+
+    @app.get("/v1/results/{name}/{qid:path}", dependencies=guarded)
+    async def results_item(name: str, qid: str) -> dict[str, Any]:
+        for r in _records(results, name):
+            if str(r.get("id")) == qid and r.get("trajectory"):
+                traj = Trajectory.model_validate(r["trajectory"])
+                return trajectory_view(traj, _image_url, golds=r.get("golds"))
+        raise _HTTPError(404, f"no question {qid!r} in results {name!r}")
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
