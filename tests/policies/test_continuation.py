@@ -16,7 +16,7 @@ from kbrouter.policies.continuation import (
     continuation_reason,
     is_entity_answer,
 )
-from kbrouter.policies.prompts import Hop
+from kbrouter.policies.prompts import Hop, answer_grammar
 from kbrouter.policies.r1router import R1RouterPolicy
 from kbrouter.reading.images import IDENTIFY_QUESTION
 from kbrouter.testing import ScriptedChatModel, demo_registry
@@ -162,8 +162,11 @@ def test_continuation_with_a_grammar_re_asks_the_same_prompt_without_the_stop_br
     first, again = traj.steps[1].route_calls
     assert again.messages == first.messages  # no corrective turn
     # route grammars: step 0 (no stop before a retrieval), step 1, its re-ask, step 2
-    grammars = [params.grammar for _, params in model.requests if params.grammar]
+    sent = [p.grammar for _, p in model.requests if p.grammar]
+    grammars = [g for g in sent if "<sub-question>" in g]
     assert len(grammars) == 4
+    answers = [g for g in sent if "<sub-question>" not in g]
+    assert answers == [answer_grammar()] * 2  # the sub-answer and the final answer
     assert "( stop | go )" in grammars[1] and "( stop | go )" not in grammars[2]
     assert 'subq ::= [^<\\n?N ] [^<\\n?]{0,199} "?"' in grammars[2]  # cannot write "None"
     assert traj.steps[1].action.sub_question == "What is the capital of Australia?"

@@ -9,7 +9,7 @@ import pytest
 
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.engine.events import TraceEvent
-from kbrouter.policies.prompts import route_grammar
+from kbrouter.policies.prompts import answer_grammar, route_grammar
 from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
 from kbrouter.testing import ScriptedChatModel
 from kbrouter.types import ChatMessage, ImagePart, Question, Trajectory
@@ -299,7 +299,8 @@ def test_image_model_gets_the_image_part(demo_kbs):
     ("supports", "use", "expect"), [(True, True, True), (False, True, False), (True, False, False)]
 )
 def test_grammar_offered_only_when_supported_and_enabled(demo_kbs, supports, use, expect):
-    """Router calls carry the GBNF grammar iff the backend enforces it and it is switched on."""
+    """Router calls carry the GBNF grammar iff the backend enforces it and it is switched on;
+    so does the final answer call (the answer grammar)."""
     _, model = run(
         demo_kbs,
         Script(routes=[route(None, None)]),
@@ -311,7 +312,8 @@ def test_grammar_offered_only_when_supported_and_enabled(demo_kbs, supports, use
     assert (route_params.grammar is not None) == expect
     if expect:
         assert route_params.grammar == route_grammar(["text", "tables", "images"])
-    assert model.requests[1][1].grammar is None  # never on answer calls
+    final_params = model.requests[1][1]
+    assert final_params.grammar == (answer_grammar() if expect else None)
 
 
 def test_prompt_prefix_is_identical_across_steps_and_questions(demo_kbs):

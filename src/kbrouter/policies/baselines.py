@@ -43,7 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kbrouter.errors import ConfigError
 from kbrouter.policies.base import Policy, Runtime
 from kbrouter.policies.parser import parse_answer, strip_tags
-from kbrouter.policies.prompts import image_note, question_content, render_evidence
+from kbrouter.policies.prompts import (
+    answer_grammar,
+    image_note,
+    question_content,
+    render_evidence,
+)
 from kbrouter.policies.readers import TableReader, read_tables
 from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
@@ -185,6 +190,11 @@ class BaselineConfig(_Cfg):
         "the 0.5B model copied the example's reasoning in 32 of 40 answers and answered the "
         "example's 'Paris'/'the Seine' 13 times (direct: 7 of 60).",
     )
+    answer_grammar: bool = Field(
+        True,
+        description="Constrain answer replies to <think>...</think><answer>...</answer> with a "
+        "grammar when the backend supports it (IRCoT's reasoning sentences stay free).",
+    )
     table_reader: TableReader = Field(
         "sql",
         description="How retrieved tables are read: 'rows' or 'sql' (one model-written SQL "
@@ -243,6 +253,12 @@ class _Baseline(Policy):
 
     def _params(self, max_tokens: int | None = None, **kw: Any) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens or self.config.answer_max_tokens, **kw)
+
+    def _answer_params(self, rt: Runtime) -> SamplingParams:
+        """Parameters of a reply in the answer format (grammar-constrained when supported)."""
+        if self.config.answer_grammar and getattr(rt, "supports_grammar", False):
+            return self._params(grammar=answer_grammar())
+        return self._params()
 
     # ---------------------------------------------------------------- messages
 
@@ -345,7 +361,7 @@ class DirectPolicy(_Baseline):
         msgs = self._messages(
             DIRECT_SYSTEM, [DIRECT_EXAMPLE], question, f"Question: {_one_line(question.text)}", rt
         )
-        call = await rt.chat("final", msgs, self._params())
+        call = await rt.chat("final", msgs, self._answer_params(rt))
         return await self._finish(traj, call, rt, t0)
 
 
@@ -361,7 +377,7 @@ class CoTPolicy(_Baseline):
         msgs = self._messages(
             COT_SYSTEM, [COT_EXAMPLE], question, f"Question: {_one_line(question.text)}", rt
         )
-        call = await rt.chat("final", msgs, self._params())
+        call = await rt.chat("final", msgs, self._answer_params(rt))
         return await self._finish(traj, call, rt, t0)
 
 
@@ -389,7 +405,7 @@ class SingleKBPolicy(_Baseline):
         traj.steps.append(step)
         evidence = await self._round(question, question.text, [kb], rt, step)
         call = await rt.chat(
-            "final", self._evidence_messages(question, evidence, rt), self._params()
+            "final", self._evidence_messages(question, evidence, rt), self._answer_params(rt)
         )
         return await self._finish(traj, call, rt, t0)
 
@@ -407,7 +423,7 @@ class AllKBsPolicy(_Baseline):
         kbs = [kb.name for kb in rt.kbs]
         evidence = await self._round(question, question.text, kbs, rt, step)
         call = await rt.chat(
-            "final", self._evidence_messages(question, evidence, rt), self._params()
+            "final", self._evidence_messages(question, evidence, rt), self._answer_params(rt)
         )
         return await self._finish(traj, call, rt, t0)
 
@@ -441,9 +457,9 @@ class IterRetGenPolicy(_Baseline):
             evidence = await self._round(question, query, kbs, rt, step)
             msgs = self._evidence_messages(question, evidence, rt)
             if t == rounds - 1:
-                call = await rt.chat("final", msgs, self._params())
+                call = await rt.chat("final", msgs, self._answer_params(rt))
                 return await self._finish(traj, call, rt, t0, fallback=last_answer)
-            call = await rt.chat("generate", msgs, self._params())
+            call = await rt.chat("generate", msgs, self._answer_params(rt))
             step.answer_call = call
             if call.error:
                 self._note(
@@ -536,7 +552,7 @@ class IRCoTPolicy(_Baseline):
         msgs = self._evidence_messages(
             question, self._pool(rounds), rt, reasoning="\n".join(sentences) or "(none)"
         )
-        call = await rt.chat("final", msgs, self._params())
+        call = await rt.chat("final", msgs, self._answer_params(rt))
         return await self._finish(traj, call, rt, t0)
 
 

@@ -403,6 +403,24 @@ class PromptBuilder:
         return route_grammar([kb.name for kb in self.kbs], allow_stop=allow_stop)
 
 
+#: longest reasoning an answer reply may carry under :func:`answer_grammar`
+ANSWER_THINK_CHARS = 600
+
+
+def answer_grammar() -> str:
+    """A GBNF grammar for (sub-)answer replies: ``<think>...</think>`` then a non-empty
+    one-line ``<answer>...</answer>`` (the 0.5B model otherwise often stops after the think
+    block, leaving no answer at all)."""
+    return "\n".join(
+        [
+            'root ::= "<think>" think "</think>" nl "<answer>" ans "</answer>"',
+            f"think ::= [^<]{{0,{ANSWER_THINK_CHARS}}}",
+            "ans ::= [^<\\n ] [^<\\n]{0,199}",
+            'nl ::= "\\n"?',
+        ]
+    )
+
+
 def _gbnf_literal(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

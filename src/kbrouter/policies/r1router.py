@@ -27,7 +27,7 @@ from kbrouter.policies.continuation import (
     continuation_reason,
 )
 from kbrouter.policies.parser import parse_answer, parse_route
-from kbrouter.policies.prompts import Hop, PromptBuilder
+from kbrouter.policies.prompts import Hop, PromptBuilder, answer_grammar
 from kbrouter.policies.readers import TableReader, read_tables
 from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
 from kbrouter.reading.sql import SQLReaderConfig
@@ -123,6 +123,12 @@ class R1RouterConfig(BaseModel):
     )
     sql_reader: SQLReaderConfig = Field(
         default_factory=SQLReaderConfig, description="Settings of the SQL table reader."
+    )
+    answer_grammar: bool = Field(
+        True,
+        description="Constrain sub-answer and final replies to <think>...</think><answer>..."
+        "</answer> with a grammar when the backend supports it (kbrouter.policies.prompts."
+        "answer_grammar).",
     )
     route_max_tokens: int = Field(256, gt=0, description="Token cap of a router reply.")
     answer_max_tokens: int = Field(192, gt=0, description="Token cap of a (sub-)answer reply.")
@@ -240,7 +246,7 @@ class R1RouterPolicy(Policy):
                 )
 
             messages = prompts.sub_answer_messages(question, action.sub_question, evidence)
-            call = await rt.chat("sub_answer", messages, self._answer_params())
+            call = await rt.chat("sub_answer", messages, self._answer_params(rt))
             step.answer_call = call
             if call.error:
                 self._note(rt, question, step, f"sub-answer call failed: {call.error}")
@@ -276,7 +282,7 @@ class R1RouterPolicy(Policy):
             self._emit(rt, "final", question, trajectory=traj)
             return traj
         final = await rt.chat(
-            "final", prompts.final_messages(question, history), self._answer_params()
+            "final", prompts.final_messages(question, history), self._answer_params(rt)
         )
         traj.final_call = final
         if final.error:
@@ -425,7 +431,11 @@ class R1RouterPolicy(Policy):
             return SamplingParams(max_tokens=self.config.route_max_tokens, grammar=grammar)
         return SamplingParams(max_tokens=self.config.route_max_tokens)
 
-    def _answer_params(self) -> SamplingParams:
+    def _answer_params(self, rt: Runtime) -> SamplingParams:
+        if self.config.answer_grammar and getattr(rt, "supports_grammar", False):
+            return SamplingParams(
+                max_tokens=self.config.answer_max_tokens, grammar=answer_grammar()
+            )
         return SamplingParams(max_tokens=self.config.answer_max_tokens)
 
     # ------------------------------------------------------------------ events
