@@ -13,6 +13,9 @@ in ``summary.json`` are kept, a configuration named again is re-measured (resumi
 same command to resume.
 
     .venv/bin/python benchmarks/bench_answers.py --sources wtq --limit 40
+
+``--dataset jsonl:demo/questions.jsonl --kbs demo/kbs.toml --top-k 5`` runs the demo questions
+with the ``make demo`` setup (``--sources`` does not apply to JSONL datasets).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ DEFAULT_CONFIGS = (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated name=method@...")
+    ap.add_argument("--dataset", default="mkqa-mini", help="mkqa-mini or jsonl:<path>")
     ap.add_argument("--sources", default="wtq", help="comma-separated mkqa-mini sources")
     ap.add_argument("--limit", type=int, default=None, help="questions (seeded, stratified)")
     ap.add_argument("--seed", type=int, default=0)
@@ -57,12 +61,17 @@ def main() -> None:
     from run_mkqa_eval import _parse_method
 
     sources = sorted(s.strip() for s in args.sources.split(",") if s.strip())
+    if args.dataset != "mkqa-mini":
+        sources = []
     registry = KBRegistry.from_config(args.kbs)
     registry.build(progress=False)
     model = load_model(args.model)
     engine = EngineConfig(max_steps=args.max_steps, top_k=args.top_k, concurrency=2)
+    image_dir = None
+    if args.dataset.startswith("jsonl:"):
+        image_dir = Path(args.dataset[len("jsonl:") :]).resolve().parent
     selection = {
-        "dataset": "mkqa-mini dev",
+        "dataset": "mkqa-mini dev" if args.dataset == "mkqa-mini" else args.dataset,
         "sources": sources,
         "limit": args.limit,
         "seed": args.seed,
@@ -87,7 +96,7 @@ def main() -> None:
         out_dir = args.runs / name
         t = time.perf_counter()
         summary = run_eval(
-            "mkqa-mini",
+            args.dataset,
             method,
             engine,
             args.model,
@@ -98,7 +107,8 @@ def main() -> None:
             kbs=args.kbs,
             model=model,
             registry=registry,
-            sources=sources,
+            sources=sources or None,
+            image_dir=image_dir,
             keep_messages=False,
             method_options=options,
         )
@@ -115,6 +125,7 @@ def main() -> None:
             "f1_recall": summary["f1_recall"],
             "f1_recall_se": _se(scores),
             "questions": summary["questions"],
+            "full_marks": sum(1 for x in scores if x >= 1.0),
             "reading_failure_share": shares.get("reading", 0.0),
             "early_stop_share": shares.get("early_stop", 0.0),
             "attribution": shares,
@@ -146,18 +157,22 @@ def _write(out: Path, result: dict) -> None:
         "first failed stage (kbrouter.eval.attribution).",
         "",
         "| configuration | questions from | method | settings | model, top-k | F1-Recall ± SE | n "
-        "| model calls/q | s/q | " + " | ".join(s.replace("_", " ") for s in stages) + " |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(stages),
+        "| full marks | model calls/q | s/q | "
+        + " | ".join(s.replace("_", " ") for s in stages)
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(stages),
     ]
     for name, c in result["configurations"].items():
         settings = ", ".join(f"{k}={v}" for k, v in sorted(c["settings"].items())) or "–"
         sel = c["selection"]
-        picked = f"{', '.join(sel['sources'])} ({'all' if sel['limit'] is None else sel['limit']}"
+        where = ", ".join(sel["sources"]) or sel["dataset"]
+        picked = f"{where} ({'all' if sel['limit'] is None else sel['limit']}"
         picked += f", seed {sel['seed']})"
         setup = f"{c['model_info'].get('name', c['model'])}, {c['engine']['top_k']}"
         lines.append(
             f"| {name} | {picked} | {c['method']} | {settings} | {setup} | {f(c['f1_recall'])} ± "
-            f"{f(c['f1_recall_se'])} | {c['questions']} | {f(c['model_calls_per_question'], 2)} "
+            f"{f(c['f1_recall_se'])} | {c['questions']} | {c.get('full_marks', '–')} | "
+            f"{f(c['model_calls_per_question'], 2)} "
             f"| {f(c['seconds_per_question'])} | "
             + " | ".join(f(100 * c["attribution"].get(s, 0.0), 0) for s in stages)
             + " |"
