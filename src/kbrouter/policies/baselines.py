@@ -18,6 +18,8 @@ name               what it does (per question)
 ``r1-router``      :class:`~kbrouter.policies.r1router.R1RouterPolicy` (imported lazily)
 ``learned-router`` / ``hybrid``   :mod:`kbrouter.policies.learned` (need ``router=DIR``)
 ``random-kb`` / ``oracle-kb``     :mod:`kbrouter.policies.bounds` (the bounds of routing)
+``search-o1`` / ``omnisearch`` / ``cogplanner``   agentic baselines, one module each
+                   (:mod:`kbrouter.policies.search_o1`, ``omnisearch``, ``cogplanner``)
 =================  ===========================================================================
 
 Every method speaks through the :class:`~kbrouter.policies.base.Runtime` and records its model
@@ -571,6 +573,9 @@ METHOD_NAMES = (
     "random-kb",
     "oracle-kb",
     "oracle-evidence",
+    "search-o1",
+    "omnisearch",
+    "cogplanner",
 )
 """Method names accepted by :func:`make_policy`."""
 
@@ -586,9 +591,15 @@ _SIMPLE: dict[str, type[_Baseline]] = {
 def _routed_policies() -> dict[str, type[Policy]]:
     # imported lazily: the learned router pulls in scikit-learn
     from kbrouter.policies.bounds import OracleEvidencePolicy, OracleKBPolicy, RandomKBPolicy
+    from kbrouter.policies.cogplanner import CogPlannerPolicy
     from kbrouter.policies.learned import HybridPolicy, LearnedRouterPolicy
+    from kbrouter.policies.omnisearch import OmniSearchPolicy
+    from kbrouter.policies.search_o1 import SearchO1Policy
 
     return {
+        "search-o1": SearchO1Policy,
+        "omnisearch": OmniSearchPolicy,
+        "cogplanner": CogPlannerPolicy,
         "learned-router": LearnedRouterPolicy,
         "hybrid": HybridPolicy,
         "random-kb": RandomKBPolicy,
