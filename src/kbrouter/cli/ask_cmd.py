@@ -49,8 +49,8 @@ def ask(
     option: list[str] = typer.Option(
         [],
         "--option",
-        help="Method setting key=value (repeatable), as in eval: e.g. table_reader=sql, "
-        "image_entity=true, pinned_alone=true.",
+        help="Method setting key=value (repeatable), as in eval: e.g. table_reader=rows, "
+        "continue_after_entity=false, min_retrieval_steps=0.",
     ),
 ) -> None:
     """Answer QUESTION step by step: route sub-questions to KBs, retrieve, answer."""
