@@ -30,6 +30,7 @@ from kbrouter.policies.parser import parse_answer, parse_route
 from kbrouter.policies.prompts import Hop, PromptBuilder, answer_grammar
 from kbrouter.policies.readers import TableReader, read_tables
 from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
+from kbrouter.reading.margin import within_margin
 from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
     Evidence,
@@ -91,6 +92,14 @@ class R1RouterConfig(BaseModel):
         description="When a search's best hit is an image-to-image match above the image KB's "
         "threshold (pinned), show only the pinned hits of that search: a small model otherwise "
         "names a lower-ranked item.",
+    )
+    relevance_margin: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Show only a search's items scoring at least (1 - margin) x its best score "
+        "(None: the top-k as retrieved). Off by default: not yet measured end to end. See "
+        "kbrouter.reading.margin.",
     )
     continue_after_entity: bool = Field(
         True,
@@ -420,6 +429,8 @@ class R1RouterPolicy(Policy):
         top = retrieval.evidence[: rt.top_k]
         if self.config.pinned_alone and top and top[0].metadata.get("pinned"):
             return [e for e in top if e.metadata.get("pinned")]
+        if self.config.relevance_margin is not None:
+            return within_margin(top, self.config.relevance_margin)
         return top
 
     def _route_params(
