@@ -16,6 +16,11 @@ same command to resume.
 
 ``--dataset jsonl:demo/questions.jsonl --kbs demo/kbs.toml --top-k 5`` runs the demo questions
 with the ``make demo`` setup (``--sources`` does not apply to JSONL datasets).
+
+``--from-runs NAME=DIR[,NAME=DIR...]`` adds configurations scored from existing results
+directories (no model: e.g. the end-to-end benchmark's runs before and after a change of the
+reading path), with the same fields plus ``early_stop_share_two_hop`` (early stops among the
+questions whose gold path has two or more hops).
 """
 
 from __future__ import annotations
@@ -47,8 +52,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "answers")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--from-runs", default="", help="NAME=DIR,... (score existing results)")
+    ap.add_argument("--configs-only", action="store_true", help="with --from-runs: no model runs")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.from_runs:
+        _from_runs(args)
+        if args.configs_only:
+            return
 
     import sys
 
@@ -137,6 +148,75 @@ def main() -> None:
         print(name, summary["f1_recall"], flush=True)
         _write(args.out, result)
     registry.close()
+
+
+def _from_runs(args) -> None:
+    """Score existing results directories into summary.json (see the module docstring)."""
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from bench_routing_e2e import _se
+    from kbrouter.eval.attribution import attribute_record, summarize_attribution
+    from kbrouter.eval.datasets import load_dataset
+    from kbrouter.eval.harness import load_results
+
+    gold_evidence = {e.id: e.gold_evidence for e in load_dataset("mkqa-mini").examples}
+
+    path = args.out / "summary.json"
+    result = {"configurations": {}}
+    if path.is_file():
+        result["configurations"] = json.loads(path.read_text()).get("configurations", {})
+    for item in [c.strip() for c in args.from_runs.split(",") if c.strip()]:
+        name, _, where = item.partition("=")
+        run_dir = Path(where)
+        recs = load_results(run_dir)
+        if not recs:
+            raise SystemExit(f"{run_dir}: no results")
+        stored = json.loads((run_dir / "config.json").read_text())
+        cfg = stored.get("run", {})
+        summary = json.loads((run_dir / "summary.json").read_text())
+        scores = [r["scores"]["f1_recall"] for r in recs]
+        gold = {r["id"]: gold_evidence[r["id"]] for r in recs if gold_evidence.get(r["id"])}
+        shares = summarize_attribution(recs, gold or None).get("shares", {})
+
+        def stage(r: dict, gold: dict = gold) -> str | None:
+            if r["id"] in gold:
+                blame = attribute_record(r, gold[r["id"]])
+                return None if blame is None else blame.stage
+            return (r.get("attribution") or {}).get("stage")
+
+        two_hop = [r for r in recs if len(r.get("gold_kbs") or []) >= 2]
+        early = [r for r in two_hop if stage(r) == "early_stop"]
+        routing = summary.get("routing", {})
+        result["configurations"][name] = {
+            "selection": {
+                "dataset": cfg.get("dataset"),
+                "sources": cfg.get("sources") or [],
+                "limit": cfg.get("limit"),
+                "seed": cfg.get("seed"),
+                "stratified_by_source": cfg.get("stratify", True),
+                "from_run": str(run_dir),
+            },
+            "model": cfg.get("model"),
+            "model_info": stored.get("model_info") or {},
+            "policy": stored.get("policy") or {},
+            "commit": (stored.get("git") or {}).get("revision", "")[:7],
+            "engine": cfg.get("engine") or {},
+            "method": cfg.get("method"),
+            "settings": cfg.get("method_options") or {},
+            "f1_recall": summary["f1_recall"],
+            "f1_recall_se": _se(scores),
+            "questions": len(recs),
+            "full_marks": sum(1 for x in scores if x >= 1.0),
+            "reading_failure_share": shares.get("reading", 0.0),
+            "early_stop_share": shares.get("early_stop", 0.0),
+            "early_stop_share_two_hop": len(early) / len(two_hop) if two_hop else None,
+            "two_hop_questions": len(two_hop),
+            "attribution": shares,
+            "model_calls_per_question": routing.get("model_calls_per_question"),
+            "seconds_per_question": routing.get("seconds_per_question"),
+        }
+    _write(args.out, result)
 
 
 def _write(out: Path, result: dict) -> None:
