@@ -98,3 +98,41 @@ def test_mcp_stdio_tools_with_the_sdk_client(config: Path, fake_server):
             assert traj["method"] == "r1router" and traj["stop_reason"] == "format_fallback"
 
     anyio.run(session)
+
+
+def test_mcp_streamable_http_with_the_sdk_client(tmp_path):
+    from mcp import Client
+
+    from kbrouter.serve.mcp import create_mcp_server
+    from kbrouter.testing import LiveServer, ScriptedChatModel, demo_registry
+
+    def reply(messages) -> str:
+        if "<ret>" in messages[0].text():
+            return "<think>t</think><sub-question>None</sub-question><ret>None</ret>"
+        return "<answer>Canberra</answer>"
+
+    registry = demo_registry(tmp_path / "index")
+    server = create_mcp_server(ScriptedChatModel(reply), registry)
+
+    async def session(url: str) -> None:
+        async with Client(f"{url}/mcp", read_timeout_seconds=60) as client:
+            hits = json.loads(
+                _text(await client.call_tool("search", {"kb": "tables", "query": "Canberra"}))
+            )
+            assert hits["kb"] == "tables" and hits["evidence"]
+            got = json.loads(
+                _text(
+                    await client.call_tool(
+                        "ask", {"question": "What is the capital of Australia?", "method": "direct"}
+                    )
+                )
+            )
+            assert got["answer"] == "Canberra" and got["trajectory"]["method"] == "direct"
+            bad = await client.call_tool("ask", {"question": "q", "max_steps": 99})
+            assert bad.is_error and "max_steps" in _text(bad)
+
+    try:
+        with LiveServer(server.streamable_http_app()) as live:
+            anyio.run(session, live.url)
+    finally:
+        registry.close()
