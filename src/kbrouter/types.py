@@ -204,7 +204,9 @@ class ModelCall(_Model):
     """One model call as recorded in a trajectory."""
 
     purpose: Literal["route", "sub_answer", "final", "generate", "read"]
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(
+        default_factory=list, description="Empty when results were saved without messages."
+    )
     output: str
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -221,3 +221,11 @@ def test_cogplanner_parallel_image_and_malformed(kbs, tmp_path):
     assert traj.stop_reason == "format_fallback" and traj.answer == "Australia"
     assert [c.purpose for c in traj.model_calls()] == ["route", "route", "route", "final"]
     assert any("malformed planning reply" in n for s in traj.steps for n in s.notes)
+
+
+def test_search_o1_a_query_repeated_forever_ends_in_an_answer(kbs):
+    query = f"{BEGIN_QUERY}Jump for Glory"
+    outputs = [query, "**Final Information** a film.", query, query, "<answer>Raoul Walsh</answer>"]
+    traj, _ = _run("search-o1", outputs, kbs)
+    assert traj.stop_reason == "format_fallback" and traj.answer == "Raoul Walsh"
+    assert len(_queries(kbs)["text"]) == 1

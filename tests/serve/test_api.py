@@ -270,3 +270,11 @@ def test_multipart_upload_and_body_limits(registry):
         r = c.post("/v1/search", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413
         assert c.get("/healthz").status_code == 200  # still serving
+
+
+def test_results_saved_without_messages_still_show(tmp_path):
+    """``eval --no-messages`` results: model calls without their prompts still validate."""
+    from kbrouter.types import ModelCall
+
+    call = ModelCall.model_validate({"purpose": "final", "output": "<answer>x</answer>"})
+    assert call.messages == []

@@ -333,7 +333,7 @@ def synth_command(
     from kbrouter.eval.datasets import load_dataset, select_examples
     from kbrouter.kb.registry import KBRegistry
     from kbrouter.models.registry import load_model
-    from kbrouter.policies.r1router import R1RouterPolicy
+    from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
     from kbrouter.train.steps import read_steps, write_paper_steps
     from kbrouter.train.synth import synthesize_async
     from kbrouter.types import SamplingParams
@@ -356,7 +356,9 @@ def synth_command(
         engine = Engine(
             load_model(teacher),
             KBRegistry.from_config(kbs_path),
-            R1RouterPolicy(min_retrieval_steps=0),  # the teacher decides, as in the paper
+            # the teacher decides, as in the paper, on the paper's reading path: every step
+            # sample is the teacher's own output (no rewritten sub-questions or shortcuts)
+            R1RouterPolicy(min_retrieval_steps=0, **PAPER_READING),
             EngineConfig(
                 max_steps=max_steps,
                 concurrency=concurrency,

@@ -147,7 +147,7 @@ class SearchO1Policy(_Baseline):
         reasoning = ""  # the model's reasoning so far, results inserted
         searched: set[str] = set()
         searches = 0
-        failures = 0
+        failures = repeats = 0
         while True:
             step = Step(index=len(traj.steps))
             traj.steps.append(step)
@@ -190,6 +190,11 @@ class SearchO1Policy(_Baseline):
                 traj.stop_reason = "budget"
                 break
             if query.casefold() in searched:
+                repeats += 1
+                if repeats > self.config.max_format_retries:
+                    self._note(rt, question, step, f"query {query!r} repeated again; answering")
+                    traj.stop_reason = "format_fallback"
+                    break
                 self._note(rt, question, step, f"repeated query {query!r}: not searched again")
                 reasoning += f"{BEGIN_RESULT}{REPEAT_MSG}{END_RESULT}\n"
                 step.action = RouteAction(think=_one_line(before), sub_question=query, kbs=[])

@@ -48,10 +48,12 @@ def engine_rollout(
         return load_model(f"transformers:{folder}")
 
     def default_policy() -> Policy:
-        from kbrouter.policies.r1router import R1RouterPolicy
+        from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
 
-        # the paper's loop: a rollout may stop at once, so Step-GRPO also learns that decision
-        return R1RouterPolicy(min_retrieval_steps=0)
+        # the paper's loop: a rollout may stop at once, so Step-GRPO also learns that decision;
+        # the paper's reading path, so every step is the router's own (no rewritten
+        # sub-questions, no answers without a model call)
+        return R1RouterPolicy(min_retrieval_steps=0, **PAPER_READING)
 
     make_model = model_factory or default_model
     make_policy = policy_factory or default_policy
