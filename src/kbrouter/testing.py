@@ -229,6 +229,36 @@ def demo_registry(
     return reg
 
 
+def lexical_demo_config(folder: str | Path) -> Path:
+    """A ``kbs.toml`` in ``folder`` for the demo text and table KBs, BM25 only, with its index
+    in ``folder/index`` (not built): cheap KBs for tests that run the CLI in a subprocess."""
+    from kbrouter.config import DEMO_CONFIG
+
+    folder = Path(folder)
+    demo = DEMO_CONFIG.parent
+    cfg = folder / "kbs.toml"
+    cfg.write_text(
+        f"""
+index_dir = "{folder / "index"}"
+[[kb]]
+name = "text"
+description = "Encyclopedia passages."
+modality = "text"
+aliases = ["Text Retriever"]
+source = {{ path = "{demo / "text.jsonl"}" }}
+retrieval = {{ mode = "bm25" }}
+[[kb]]
+name = "tables"
+description = "Fact tables with numbers."
+modality = "table"
+source = {{ manifest = "{demo / "tables.jsonl"}" }}
+retrieval = {{ mode = "bm25" }}
+""",
+        encoding="utf-8",
+    )
+    return cfg
+
+
 class LiveServer:
     """An ASGI app served by uvicorn in a background thread on a free port of 127.0.0.1 (tests
     and benchmarks only): ``with LiveServer(app) as s: ... s.url``."""

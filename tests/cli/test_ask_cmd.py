@@ -44,25 +44,9 @@ def test_undecodable_image_is_a_clear_error(tmp_path: Path):
 @pytest.fixture()
 def lexical_config(tmp_path: Path) -> Path:
     """The demo KBs (BM25 only) with their index in a fresh temp dir (not built yet)."""
-    cfg = tmp_path / "kbs.toml"
-    cfg.write_text(
-        f"""
-index_dir = "{tmp_path / "index"}"
-[[kb]]
-name = "text"
-description = "Encyclopedia passages."
-modality = "text"
-source = {{ path = "{DEMO / "text.jsonl"}" }}
-retrieval = {{ mode = "bm25" }}
-[[kb]]
-name = "tables"
-description = "Fact tables with numbers."
-modality = "table"
-source = {{ manifest = "{DEMO / "tables.jsonl"}" }}
-retrieval = {{ mode = "bm25" }}
-"""
-    )
-    return cfg
+    from kbrouter.testing import lexical_demo_config
+
+    return lexical_demo_config(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -27,27 +27,9 @@ def fake_server():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("mcp")
-    cfg = tmp / "kbs.toml"
-    cfg.write_text(
-        f"""
-index_dir = "{tmp / "index"}"
-[[kb]]
-name = "text"
-description = "Encyclopedia passages."
-modality = "text"
-aliases = ["Text Retriever"]
-source = {{ path = "{DEMO / "text.jsonl"}" }}
-retrieval = {{ mode = "bm25" }}
-[[kb]]
-name = "tables"
-description = "Fact tables with numbers."
-modality = "table"
-source = {{ manifest = "{DEMO / "tables.jsonl"}" }}
-retrieval = {{ mode = "bm25" }}
-"""
-    )
-    return cfg
+    from kbrouter.testing import lexical_demo_config
+
+    return lexical_demo_config(tmp_path_factory.mktemp("mcp"))
 
 
 def _text(result) -> str:

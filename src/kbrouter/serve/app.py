@@ -686,13 +686,13 @@ def create_app(
 
     @app.get("/v1/results/{name}", dependencies=guarded)
     async def results_items(name: str) -> dict[str, Any]:
-        records = _records(results, name)
+        records = await asyncio.to_thread(_records, results, name)
         items = [_result_item(r) for r in records]
         return {**_results_summary(name, results[name]), "items": items}
 
     @app.get("/v1/results/{name}/{qid:path}", dependencies=guarded)
     async def results_item(name: str, qid: str) -> dict[str, Any]:
-        for r in _records(results, name):
+        for r in await asyncio.to_thread(_records, results, name):
             if str(r.get("id")) == qid and r.get("trajectory"):
                 traj = Trajectory.model_validate(r["trajectory"])
                 return trajectory_view(traj, _image_url, golds=r.get("golds"))

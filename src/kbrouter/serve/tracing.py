@@ -103,9 +103,26 @@ class OpenInferenceTracer:
         if step.answer_call is not None:
             self._llm_span(step.answer_call, ctx, done, step=step.index)
 
-    def _times(self, seconds: float) -> tuple[int, int]:
+    def _record(
+        self,
+        name: str,
+        ctx: Any,
+        attrs: dict[str, Any],
+        seconds: float,
+        error: str | None,
+        step: int | None,
+    ) -> None:
+        """One finished child span: it ended now and lasted the engine's recorded seconds."""
+        from opentelemetry.trace import Status, StatusCode
+
+        if step is not None:
+            attrs["kbrouter.step"] = step
         end = time.time_ns()
-        return end - int(max(seconds, 0.0) * 1e9), end
+        start = end - int(max(seconds, 0.0) * 1e9)
+        span = self._tracer.start_span(name, ctx, attributes=attrs, start_time=start)
+        if error:
+            span.set_status(Status(StatusCode.ERROR, _clip(error)))
+        span.end(end_time=end)
 
     def _llm_span(self, call: ModelCall, ctx: Any, done: set[int], step: int | None = None) -> None:
         if id(call) in done:
@@ -116,9 +133,7 @@ class OpenInferenceTracer:
             OpenInferenceSpanKindValues,
             SpanAttributes,
         )
-        from opentelemetry.trace import Status, StatusCode
 
-        start, end = self._times(call.seconds)
         attrs: dict[str, Any] = {
             SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.LLM.value,
             SpanAttributes.LLM_MODEL_NAME: self.model_name,
@@ -129,8 +144,6 @@ class OpenInferenceTracer:
             "kbrouter.purpose": call.purpose,
             "kbrouter.cached": call.cached,
         }
-        if step is not None:
-            attrs["kbrouter.step"] = step
         for i, m in enumerate(call.messages):
             prefix = f"{SpanAttributes.LLM_INPUT_MESSAGES}.{i}."
             attrs[prefix + MessageAttributes.MESSAGE_ROLE] = m.role
@@ -138,12 +151,7 @@ class OpenInferenceTracer:
         out = f"{SpanAttributes.LLM_OUTPUT_MESSAGES}.0."
         attrs[out + MessageAttributes.MESSAGE_ROLE] = "assistant"
         attrs[out + MessageAttributes.MESSAGE_CONTENT] = _clip(call.output)
-        span = self._tracer.start_span(
-            f"llm.{call.purpose}", ctx, attributes=attrs, start_time=start
-        )
-        if call.error:
-            span.set_status(Status(StatusCode.ERROR, _clip(call.error)))
-        span.end(end_time=end)
+        self._record(f"llm.{call.purpose}", ctx, attrs, call.seconds, call.error, step)
 
     def _retriever_span(
         self, r: Retrieval, ctx: Any, done: set[int], step: int | None = None
@@ -156,9 +164,7 @@ class OpenInferenceTracer:
             OpenInferenceSpanKindValues,
             SpanAttributes,
         )
-        from opentelemetry.trace import Status, StatusCode
 
-        start, end = self._times(r.seconds)
         attrs: dict[str, Any] = {
             SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.RETRIEVER.value,
             SpanAttributes.INPUT_VALUE: r.query.text,
@@ -166,8 +172,6 @@ class OpenInferenceTracer:
             "kbrouter.query.has_image": r.query.image is not None,
             "kbrouter.cached": r.cached,
         }
-        if step is not None:
-            attrs["kbrouter.step"] = step
         for i, ev in enumerate(r.evidence):
             prefix = f"{SpanAttributes.RETRIEVAL_DOCUMENTS}.{i}."
             attrs[prefix + DocumentAttributes.DOCUMENT_ID] = ev.id
@@ -175,10 +179,7 @@ class OpenInferenceTracer:
             attrs[prefix + DocumentAttributes.DOCUMENT_CONTENT] = _clip(ev.text)
             meta = {"kb": ev.kb, "modality": ev.modality.value, "title": ev.title}
             attrs[prefix + DocumentAttributes.DOCUMENT_METADATA] = json.dumps(meta)
-        span = self._tracer.start_span(f"retrieve.{r.kb}", ctx, attributes=attrs, start_time=start)
-        if r.error:
-            span.set_status(Status(StatusCode.ERROR, _clip(r.error)))
-        span.end(end_time=end)
+        self._record(f"retrieve.{r.kb}", ctx, attrs, r.seconds, r.error, step)
 
 
 def tracer_from_endpoint(endpoint: str, *, service_name: str = "kbrouter", model_name: str = ""):
