@@ -237,6 +237,8 @@ class Step(_Model):
     """Calls of an evidence reader (the SQL table reader's query), before the sub-answer."""
     answer_call: ModelCall | None = None
     sub_answer: str | None = None
+    continued: bool = False
+    """The router's stop was overridden at this step (multi-hop continuation)."""
     notes: list[str] = Field(default_factory=list)
     """Human-readable record of anything unusual: format retries, fallbacks, errors."""
 

@@ -9,6 +9,7 @@ import pytest
 
 from kbrouter.errors import ModelError
 from kbrouter.models.llama_cpp import LlamaCppModel
+from kbrouter.policies.prompts import route_grammar
 from kbrouter.types import ChatMessage, SamplingParams
 
 pytest.importorskip("llama_cpp")
@@ -51,6 +52,21 @@ def test_grammar_constrains_output(model: LlamaCppModel):
     """A GBNF grammar forces the reply into its language."""
     result = _chat(model, grammar='root ::= "yes" | "no"')
     assert result.text in {"yes", "no"}
+
+
+def test_route_grammar_without_its_stop_branch_cannot_write_none(model: LlamaCppModel):
+    """Told to copy a stop, the model under the no-stop route grammar writes a sub-question
+    that does not start with "None" and names a KB (the grammar parses in llama.cpp)."""
+    stop = "<think>done</think>\n<sub-question>None</sub-question>\n<ret>None</ret>"
+    messages = [
+        ChatMessage(role="system", content="Repeat the user's message exactly."),
+        ChatMessage(role="user", content=stop),
+    ]
+    grammar = route_grammar(["text", "tables"], allow_stop=False)
+    result = asyncio.run(model.chat(messages, SamplingParams(max_tokens=80, grammar=grammar)))
+    assert "<sub-question>" in result.text
+    sub_question = result.text.split("<sub-question>", 1)[1]
+    assert sub_question.strip() and not sub_question.startswith(("None", " "))
 
 
 def test_invalid_grammar_is_model_error(model: LlamaCppModel):

@@ -206,6 +206,16 @@ def test_cogplanner_sequential_reformulates_then_retrieves_then_stops(kbs):
     assert "Miriam Cooper" in traj.final_call.messages[-1].text()  # all evidence is read
 
 
+def test_cogplanner_spent_budget_answers_without_another_planning_call(kbs):
+    outputs = ["<reformulate>no</reformulate>", "<retrieval>text</retrieval>"] * 3
+    traj, _ = _run("cogplanner", [*outputs, "<answer>Miriam Cooper</answer>"], kbs)
+    assert traj.stop_reason == "budget" and traj.answer == "Miriam Cooper"
+    # 3 planning rounds for the budget of 3 retrieving steps, then straight to the answer
+    assert [c.purpose for c in traj.model_calls()] == ["route"] * 6 + ["final"]
+    assert len(_queries(kbs)["text"]) == 3
+    assert any("step budget of 3 spent" in n for n in traj.steps[-1].notes)
+
+
 def test_cogplanner_parallel_image_and_malformed(kbs, tmp_path):
     img = tmp_path / "q.jpg"
     img.write_bytes(b"x")

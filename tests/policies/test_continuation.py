@@ -140,11 +140,47 @@ def test_flag_capital_identifies_continues_anchors_and_answers_from_the_last_hop
     assert "capital, city, country, national" in s1.route_calls[1].messages[-1].text()
     anchored = f"{FLAG_Q} (Flag of Australia)"
     assert s1.action is not None and s1.action.sub_question == anchored
+    assert s1.continued and not s0.continued and not s2.continued
     assert s1.retrievals[0].kb == "text" and s1.retrievals[0].query.text == anchored
     assert "canberra" in [e.id for e in s1.retrievals[0].evidence]
     assert s2.action is not None and s2.action.is_stop
     assert any("its answer is the final answer" in n for n in s2.notes)
     assert traj.final_call is None
+
+
+def test_a_refusal_to_the_whole_question_goes_to_the_final_answer_call(demo_kbs):
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        STOP,
+        _route(FLAG_Q, "text"),  # asks the whole question (anchored on the entity)
+        "<answer>not found</answer>",  # a refusal is not taken as the final answer
+        STOP,
+        "<answer>Canberra</answer>",
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question)
+    assert traj.steps[1].sub_answer == "not found"
+    assert traj.final_call is not None and traj.answer == "Canberra"
+    assert not any("its answer is the final answer" in n for s in traj.steps for n in s.notes)
+
+
+def test_a_router_that_goes_on_by_itself_uses_no_continuation(demo_kbs):
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the capital of Australia?", "text"),  # goes on without a stop
+        "<answer>Canberra</answer>",
+        STOP,  # city, national, country still uncovered: the one continuation is left
+        _route("Which city is it?", "text"),  # anchored on the last answer
+        "<answer>Canberra</answer>",  # answers the whole question: no final call
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question)
+    s0, s1, s2 = traj.steps
+    assert not s1.continued and len(s1.route_calls) == 1
+    assert s1.action.sub_question == "What is the capital of Australia?"  # names the entity
+    assert s2.continued and len(s2.route_calls) == 2
+    assert s2.action.sub_question == f"{FLAG_Q} (Canberra)"
+    assert traj.answer == "Canberra" and traj.final_call is None
 
 
 def test_continuation_with_a_grammar_re_asks_the_same_prompt_without_the_stop_branch(demo_kbs):
@@ -168,7 +204,7 @@ def test_continuation_with_a_grammar_re_asks_the_same_prompt_without_the_stop_br
     answers = [g for g in sent if "<sub-question>" not in g]
     assert answers == [answer_grammar()] * 2  # the sub-answer and the final answer
     assert "( stop | go )" in grammars[1] and "( stop | go )" not in grammars[2]
-    assert 'subq ::= [^<\\n?N ] [^<\\n?]{0,199} "?"' in grammars[2]  # cannot write "None"
+    assert '( [^<\\n?N ] | "N" [^o<\\n?]' in grammars[2]  # cannot write "None"
     assert traj.steps[1].action.sub_question == "What is the capital of Australia?"
     assert [c.purpose for c in traj.model_calls()][-1] == "final"
 
@@ -189,6 +225,24 @@ def test_identify_first_answers_the_image_hop_and_goes_on_from_the_entity(demo_k
     # the router sees the identification, not the whole question, as hop 1
     hop2_prompt = traj.steps[1].route_calls[0].messages[-1].text()
     assert f"Sub-question 1: {IDENTIFY_QUESTION}\nAnswer 1: Flag of Kenya" in hop2_prompt
+    assert traj.answer == "Mount Kenya"
+
+
+def test_identify_first_keeps_a_step_that_searched_other_kbs_too(demo_kbs):
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
+    outputs = [
+        _route(PEAK_Q, "images, tables"),  # the tables' evidence is read, not dropped
+        "<answer>Mount Kenya</answer>",
+        STOP,
+        "<answer>Mount Kenya</answer>",
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows")
+    s0 = traj.steps[0]
+    assert [r.kb for r in s0.retrievals] == ["images", "tables"]
+    assert s0.answer_call is not None and s0.sub_answer == "Mount Kenya"
+    assert not any("identified" in n for n in s0.notes)
+    shown = s0.answer_call.messages[-1].text()
+    assert "Flag of Kenya" in shown and "Mount Kenya" in shown
     assert traj.answer == "Mount Kenya"
 
 

@@ -222,3 +222,34 @@ def test_pinned_alone_shows_only_the_image_match(tmp_path):
         prompt = traj.steps[0].answer_call.messages[-1].text()
         assert all(s in prompt for s in shown)
         assert ("Flag of Kenya" in prompt) is (not alone)
+
+
+def test_omnisearch_and_cogplanner_read_retrieved_tables_with_sql():
+    """The agentic methods' retrieved tables go through the same SQL reader as the others."""
+    omni = [
+        "<Thought>\nsearch\n<Sub-Question>\nHow many cups did Team A win?\n<Search>\n"
+        "Text Retrieval: Team A cup wins",
+        SQL,  # the reader answers the sub-question from the table
+        "<answer>3</answer>",  # the solver reads the SQL result
+        "<Thought>\ndone\n<End>\nFinal Answer: 3",
+    ]
+    traj = _run("omnisearch", omni, table_reader="sql")
+    assert [c.purpose for c in traj.model_calls()] == ["route", "read", "sub_answer", "route"]
+    read = traj.steps[0].read_calls[0].messages[-1].text()
+    assert "How many cups did Team A win?" in read
+    assert "wins\n3" in traj.steps[0].answer_call.messages[-1].text()
+    assert traj.answer == "3"
+
+    cog = [
+        "<reformulate>no</reformulate>",
+        "<retrieval>text</retrieval>",
+        SQL,
+        "<reformulate>no</reformulate>",
+        "<retrieval>none</retrieval>",
+        "<answer>3</answer>",
+    ]
+    traj = _run("cogplanner", cog, table_reader="sql")
+    purposes = [c.purpose for c in traj.model_calls()]
+    assert purposes == ["route", "route", "read", "route", "route", "final"]
+    assert "wins\n3" in traj.final_call.messages[-1].text()
+    assert traj.answer == "3"

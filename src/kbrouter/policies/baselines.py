@@ -301,14 +301,25 @@ class _Baseline(Policy):
         rt: Runtime,
         step: Step,
         think: str = "",
+        *,
+        with_image: bool = True,
+        sub_question: str | None = None,
+        read_with: str | None = None,
     ) -> list[Evidence]:
-        """One retrieval round: ``text`` to every KB in ``kbs``; top-k of each, in KB order."""
-        step.action = RouteAction(think=think, sub_question=text, kbs=list(kbs))
+        """One retrieval round: ``text`` to every KB in ``kbs``; top-k of each, in KB order.
+
+        ``with_image``: image KBs get the question's image with the text (False: text only);
+        ``sub_question``: what the step records as asked (default ``text``); ``read_with``:
+        what the SQL table reader answers from the tables (default the question)."""
+        step.action = RouteAction(think=think, sub_question=sub_question or text, kbs=list(kbs))
         self._emit(rt, "route", question, step=step)
+
+        def query(kb: str) -> Query:
+            q = self._query(question, text, kb, rt)
+            return q if with_image else q.model_copy(update={"image": None})
+
         results: list[Retrieval] = list(
-            await asyncio.gather(
-                *(rt.retrieve(kb, self._query(question, text, kb, rt)) for kb in kbs)
-            )
+            await asyncio.gather(*(rt.retrieve(kb, query(kb)) for kb in kbs))
         )
         step.retrievals = results
         self._emit(rt, "retrieve", question, step=step)
@@ -321,7 +332,13 @@ class _Baseline(Policy):
             self._note(rt, question, step, "no evidence retrieved; answering without it")
         if self.config.table_reader == "sql":
             evidence = await read_tables(
-                self, question, question.text, evidence, rt, step, self.config.sql_reader
+                self,
+                question,
+                read_with or question.text,
+                evidence,
+                rt,
+                step,
+                self.config.sql_reader,
             )
         return evidence
 

@@ -17,13 +17,13 @@ calls). Implemented here, on a registry of typed KBs:
 3. The evidence of each step is kept; at the end one answer call reads all of it.
 
 Adapted: the step budget is the engine's (``max_steps`` overrides), greedy decoding, our answer
-format. Bounded retries with a corrective message on malformed decisions, then a graceful
-fallback (reformulation: keep the current query; retrieval: stop), recorded in the trace.
+format, tables read by the engine's table reader (``table_reader``, as every method here).
+Bounded retries with a corrective message on malformed decisions, then a graceful fallback
+(reformulation: keep the current query; retrieval: stop), recorded in the trace.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Any, Literal
@@ -38,7 +38,6 @@ from kbrouter.types import (
     Evidence,
     Modality,
     ModelCall,
-    Query,
     Question,
     RouteAction,
     SamplingParams,
@@ -111,6 +110,9 @@ class CogPlannerPolicy(_Baseline):
         for index in range(limit + 1):
             step = Step(index=index)
             traj.steps.append(step)
+            if index >= limit:  # no planning call whose decision could not be carried out
+                self._note(rt, question, step, f"step budget of {limit} spent; answering")
+                break
             state = self._state(question, query, pool, index)
             if self.config.paradigm == "parallel":
                 reply = await self._decide(question, state, PARALLEL, rt, step, _parallel_ok)
@@ -137,20 +139,9 @@ class CogPlannerPolicy(_Baseline):
                 self._emit(rt, "route", question, step=step)
                 traj.stop_reason = "answered" if pool else "no_retrieval"
                 break
-            if index >= limit:
-                self._note(rt, question, step, f"step budget of {limit} spent; answering")
-                break
             kbs = image_kbs if choice == "image" else text_kbs
-            step.action = RouteAction(think=f"cogplanner: {choice}", sub_question=query, kbs=kbs)
-            self._emit(rt, "route", question, step=step)
-            image = question.image if choice == "image" else None
-            q = Query(text=query, image=image)
-            step.retrievals = list(await asyncio.gather(*(rt.retrieve(kb, q) for kb in kbs)))
-            self._emit(rt, "retrieve", question, step=step)
-            for r in step.retrievals:
-                if r.error:
-                    self._note(rt, question, step, f"retrieval from {r.kb!r} failed: {r.error}")
-                pool.extend(r.evidence[: rt.top_k])
+            # image KBs are searched with the question's image, text and table KBs with text
+            pool.extend(await self._round(question, query, kbs, rt, step, f"cogplanner: {choice}"))
         msgs = self._evidence_messages(question, pool, rt)
         call = await rt.chat("final", msgs, self._answer_params(rt))
         return await self._finish(traj, call, rt, t0)

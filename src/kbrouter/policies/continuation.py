@@ -15,10 +15,11 @@ answer repeats the entity. The rule here is a setting of the R1-Router family of
 
 Then the router is asked to go on (an LLM router is re-asked without the grammar's stop branch,
 or with a corrective message when there is no grammar; a learned router takes its best KB), at
-most ``max_continuations`` times per question. The continuing sub-question must be *about* the
-entity: if it mentions nothing of the answer that the question does not already say (the 0.5B
-router asked "Which city is shown in the image?" after "Flag of Australia"), it is replaced by
-the question with the entity in brackets, which retrieves by both
+most ``max_continuations`` times per question (``Step.continued`` marks such a step). A next
+sub-question after an entity hop -- continued or not -- must be *about* the entity: if it
+mentions nothing of the answer that the question does not already say (the 0.5B router asked
+"Which city is shown in the image?" after "Flag of Australia"), it is replaced by the question
+with the entity in brackets, which retrieves by both
 (:func:`anchored_sub_question`). The trace notes say so.
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "content_words",
     "continuation_reason",
     "is_entity_answer",
+    "is_refusal",
     "uncovered_words",
 ]
 
@@ -92,10 +94,15 @@ def content_words(text: str) -> set[str]:
     return out
 
 
+def is_refusal(answer: str) -> bool:
+    """Whether ``answer`` says the answer is not known ("not found", "unknown", "None", ...)."""
+    return bool(_REFUSAL.search(answer))
+
+
 def is_entity_answer(answer: str, *, max_words: int = 8) -> bool:
     """A short answer that names something (not empty, not a refusal, not a sentence)."""
     text = answer.strip()
-    if not text or _REFUSAL.search(text):
+    if not text or is_refusal(text):
         return False
     return len(text.split()) <= max_words
 

@@ -199,6 +199,7 @@ class LearnedRouterPolicy(_RoutedPolicy):
             )
         elif label == NONE_LABEL and keep_going is not None and dist.best_kb:
             label = dist.best_kb
+            step.continued = True
             self._note(rt, question, step, f"multi-hop continuation: {keep_going}; using {label}")
         if label == NONE_LABEL:
             self._note(rt, question, step, f"route by learned router: stop ({_fmt(dist)})")

@@ -22,6 +22,8 @@ final answer extracted after ``Final Answer:``. What is adapted to a registry of
 * **Feedback**: text retrieval feeds back the solver's answer (``solver``, as the GPT version;
   off: the documents themselves, as the Qwen version); image retrieval feeds back the matched
   items' titles and captions ("Description: ...").
+* **Tables**: retrieved tables go through the engine's table reader (``table_reader``: the SQL
+  reader answers the sub-question from them by default, as for every method here).
 * **Budget**: the original's 5 turns become the engine's step budget (``max_turns`` overrides),
   so OmniSearch is compared with the other methods at the same budget; greedy decoding.
 * **Small models**: a turn with neither an action nor a final answer is re-asked once with a
@@ -30,7 +32,6 @@ final answer extracted after ``Final Answer:``. What is adapted to a registry of
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Any
@@ -43,11 +44,8 @@ from kbrouter.policies.parser import parse_answer
 from kbrouter.policies.prompts import render_evidence
 from kbrouter.types import (
     ChatMessage,
-    Evidence,
     Modality,
-    Query,
     Question,
-    RouteAction,
     SamplingParams,
     Step,
 )
@@ -100,7 +98,9 @@ class OmniSearchConfig(BaselineConfig):
         True, description="Answer each text sub-question from its documents (GPT version)."
     )
     max_format_retries: int = Field(1, ge=0, description="Re-asks after an unusable turn.")
-    plan_max_tokens: int = Field(200, gt=0, description="Token cap of a planner turn.")
+    plan_max_tokens: int = Field(
+        320, gt=0, description="Token cap of a planner turn (its grammar allows ~300 tokens)."
+    )
 
 
 def planner_grammar(input_image: bool, allow_search: bool = True) -> str:
@@ -242,19 +242,16 @@ class OmniSearchPolicy(_Baseline):
             kbs, with_image = text_kbs, False
         else:
             kbs, with_image = image_kbs, kind == INPUT_IMAGE
-        text = query or sub_question
-        step.action = RouteAction(sub_question=sub_question, kbs=list(kbs))
-        self._emit(rt, "route", question, step=step)
-        queries = [Query(text=text, image=question.image if with_image else None) for _ in kbs]
-        step.retrievals = list(
-            await asyncio.gather(*(rt.retrieve(kb, q) for kb, q in zip(kbs, queries, strict=True)))
+        evidence = await self._round(
+            question,
+            query or sub_question,
+            kbs,
+            rt,
+            step,
+            with_image=with_image,
+            sub_question=sub_question,
+            read_with=sub_question,
         )
-        self._emit(rt, "retrieve", question, step=step)
-        evidence: list[Evidence] = []
-        for r in step.retrievals:
-            if r.error:
-                self._note(rt, question, step, f"retrieval from {r.kb!r} failed: {r.error}")
-            evidence.extend(r.evidence[: rt.top_k])
         if not evidence:
             step.sub_answer = "No relevant information found."
         elif kind == TEXT and self.config.solver:

@@ -435,15 +435,16 @@ THINK_CHARS = 400
 def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True) -> str:
     """A GBNF grammar for the router output: think, then either ``None``/``None`` (only if
     ``allow_stop``) or one sub-question ending in ``?`` (so a bare ``None`` cannot pair with a
-    KB name; without the stop branch it may not start with ``N`` or a space either, so it cannot
-    be ``None``) and one or more comma-separated KB names from ``kb_names``."""
+    KB name; without the stop branch it may not start with ``None`` or a space either) and one or
+    more comma-separated KB names from ``kb_names``."""
     if not kb_names:
         raise ValueError("route_grammar needs at least one KB name")
     kb_alts = " | ".join(_gbnf_literal(n) for n in kb_names)
     branches = "( stop | go )" if allow_stop else "go"
-    # without the stop branch a sub-question may not start with "None" (small models write
-    # "None, None, ..." until the token cap)
-    subq = '[^<\\n?]{1,200} "?"' if allow_stop else '[^<\\n?N ] [^<\\n?]{0,199} "?"'
+    # without the stop branch a sub-question may not start with "None" or a space (small
+    # models write "None, None, ..." until the token cap); "Name ...", "Nobel ..." may
+    not_none = '( [^<\\n?N ] | "N" [^o<\\n?] | "No" [^n<\\n?] | "Non" [^e<\\n?] )'
+    subq = '[^<\\n?]{1,200} "?"' if allow_stop else f'{not_none} [^<\\n?]{{0,196}} "?"'
 
     return "\n".join(
         [

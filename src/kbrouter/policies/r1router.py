@@ -25,6 +25,7 @@ from kbrouter.policies.continuation import (
     anchored_sub_question,
     asks_whole_question,
     continuation_reason,
+    is_refusal,
 )
 from kbrouter.policies.parser import parse_answer, parse_route
 from kbrouter.policies.prompts import Hop, PromptBuilder, answer_grammar
@@ -83,9 +84,9 @@ class R1RouterConfig(BaseModel):
     )
     identify_first: bool = Field(
         True,
-        description="With image_entity: the first image-KB step whose search matched the "
-        "question's image identifies it even when its sub-question asks more (recorded as "
-        "'What does the image show?'); the router then continues from the entity.",
+        description="With image_entity: the first step that searched image KBs alone and "
+        "matched the question's image identifies it even when its sub-question asks more "
+        "(recorded as 'What does the image show?'); the router then continues from the entity.",
     )
     pinned_alone: bool = Field(
         True,
@@ -202,8 +203,11 @@ class R1RouterPolicy(Policy):
             traj.steps.append(step)
             keep_going = self._keep_going(question, history, continued)
             action = await self._route(question, history, rt, prompts, step, keep_going=keep_going)
-            if keep_going is not None and action is not None and not action.is_stop:
+            if step.continued:
                 continued += 1
+            if keep_going is not None and action is not None and not action.is_stop:
+                # after an entity hop, a next sub-question that does not name the entity is
+                # anchored on it, whether the router went on by itself or was asked to
                 action = self._anchor(question, history, action, rt, step)
             if action is None:  # fallback: notes say why
                 stop_reason = (
@@ -228,7 +232,12 @@ class R1RouterPolicy(Policy):
                 self._note(rt, question, step, "no evidence retrieved; answering without it")
             entity = identified_entity(step.retrievals) if self.config.image_entity else None
             asked = asks_what_image_shows(action.sub_question)
-            if entity is not None and (asked or (self.config.identify_first and not identified)):
+            # identifying first drops what the step's other KBs found, so only a step that
+            # searched image KBs alone is answered by the identification
+            image_kbs = {kb.name for kb in rt.kbs if kb.modality == Modality.IMAGE}
+            only_images = all(r.kb in image_kbs for r in step.retrievals)
+            first = self.config.identify_first and not identified and only_images
+            if entity is not None and (asked or first):
                 assert entity.title is not None
                 identified = True
                 step.sub_answer = entity.title
@@ -278,6 +287,7 @@ class R1RouterPolicy(Policy):
             and history
             and asks_whole_question(question.text, history[-1].sub_question)
             and history[-1].answer.strip()
+            and not is_refusal(history[-1].answer)
         ):
             traj.answer = history[-1].answer.strip()
             self._note(
@@ -331,7 +341,7 @@ class R1RouterPolicy(Policy):
             rt,
             question,
             step,
-            f"multi-hop continuation: the sub-question {action.sub_question!r} does not name "
+            f"after an entity hop: the sub-question {action.sub_question!r} does not name "
             f"{history[-1].answer.strip()!r}; asking {anchored!r}",
         )
         return action.model_copy(update={"sub_question": anchored})
@@ -379,6 +389,7 @@ class R1RouterPolicy(Policy):
                     if not params.grammar:
                         messages = prompts.corrective_messages(base, call.output, keep_going)
                     continue
+                step.continued = stopped is not None and not action.is_stop
                 return action
             except ModelOutputError as e:
                 problem = str(e)
