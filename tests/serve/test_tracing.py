@@ -100,3 +100,34 @@ def test_a_question_is_one_chain_with_llm_and_retriever_children(registry, strea
 def test_no_tracer_no_spans(registry):
     app = create_app(ScriptedChatModel(reply), registry, ServeConfig())
     assert app.state.service.tracer is None
+
+
+def test_a_tracer_the_server_built_is_shut_down_with_it(registry, monkeypatch):
+    """With --otlp-endpoint the server builds its own tracer and flushes and closes it when it
+    stops; a tracer passed in stays open (its owner closes it)."""
+    import kbrouter.serve.tracing as tracing
+
+    exporters: list[InMemorySpanExporter] = []
+
+    def built(endpoint: str, **kw) -> OpenInferenceTracer:
+        exporter = InMemorySpanExporter()
+        exporters.append(exporter)
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return OpenInferenceTracer(provider, **kw)
+
+    monkeypatch.setattr(tracing, "tracer_from_endpoint", built)
+    cfg = ServeConfig(otlp_endpoint="http://127.0.0.1:4318")
+    with TestClient(create_app(ScriptedChatModel(reply), registry, cfg)) as c:
+        assert c.post("/v1/answer", json={"question": QUESTION}).status_code == 200
+    (exporter,) = exporters
+    assert exporter.get_finished_spans()  # exported before the shutdown
+    assert exporter._stopped  # the SDK exporter's own shutdown flag
+
+    mine = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mine))
+    tracer = OpenInferenceTracer(provider)
+    with TestClient(create_app(ScriptedChatModel(reply), registry, ServeConfig(), tracer=tracer)):
+        pass
+    assert not mine._stopped

@@ -5,6 +5,7 @@ its trajectories. Screenshots go to the test's temp folder (artefacts, not commi
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -119,3 +120,36 @@ def test_ask_compare_and_browse_results_in_chromium(served):
         browser.close()
     assert not errors, errors
     assert (tmp / "viewer-ask.png").stat().st_size > 0
+
+
+def test_a_server_with_an_api_key_is_usable_from_the_viewer(tmp_path):
+    """With --api-key-env the page asks for the key; once entered, every call sends it and
+    image thumbnails (which an <img> could not authenticate) are fetched with it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    registry = demo_registry(tmp_path / "index")
+    app = create_app(
+        ScriptedChatModel(reply), registry, ServeConfig(methods=["r1-router"], api_key="vk")
+    )
+    try:
+        with LiveServer(app) as server, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            expect(page.locator("#status")).to_contain_text("401")
+            page.fill("#api-key", "vk")
+            page.locator("#api-key").dispatch_event("change")
+            expect(page.locator("#status")).to_have_text("ready")
+            page.fill("#question", "Which country's flag is this?")
+            page.set_input_files("#image", str(DEMO / "questions" / "flag.jpg"))
+            page.click("#ask")
+            expect(page.locator("[data-testid=answer]")).to_have_text("Canberra")
+            thumb = page.locator(".evidence li[data-modality=image] img").first
+            expect(thumb).to_have_attribute("src", re.compile(r"^blob:"))
+            page.wait_for_function(
+                "(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle()
+            )
+            page.screenshot(path=str(tmp_path / "viewer-key.png"))
+            browser.close()
+    finally:
+        registry.close()

@@ -247,10 +247,13 @@ class Service:
         self, model: ChatModel, registry: KBSource, config: ServeConfig, tracer: Any = None
     ) -> None:
         self.model, self.registry, self.config = model, registry, config
-        if tracer is None and config.otlp_endpoint:
-            from kbrouter.serve.tracing import tracer_from_endpoint
+        self._owns_tracer = tracer is None and bool(config.otlp_endpoint)
+        if self._owns_tracer:
+            from kbrouter.serve import tracing
 
-            tracer = tracer_from_endpoint(config.otlp_endpoint, model_name=_model_name(model))
+            tracer = tracing.tracer_from_endpoint(
+                str(config.otlp_endpoint), model_name=_model_name(model)
+            )
         self.tracer = tracer
         self.engines: dict[tuple[str, int, int], Engine] = {}
         self.slots = asyncio.Semaphore(config.max_concurrent)
@@ -278,6 +281,8 @@ class Service:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        if self._owns_tracer:  # a tracer passed in is its owner's to close
+            self.tracer.close()
         self._tmp.cleanup()
 
     def engine(self, method: str | None, max_steps: int | None, top_k: int | None) -> Engine:

@@ -42,8 +42,15 @@ class OpenInferenceTracer:
     """Wraps :meth:`Engine.answer` so every question becomes an OpenInference span tree."""
 
     def __init__(self, tracer_provider: Any, *, model_name: str = "") -> None:
+        self.provider = tracer_provider
         self._tracer = tracer_provider.get_tracer("kbrouter")
         self.model_name = model_name
+
+    def close(self) -> None:
+        """Flush pending spans and shut the provider (and its exporters) down."""
+        shutdown = getattr(self.provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     async def answer(
         self, engine: Any, question: Question, on_event: EventCallback | None = None

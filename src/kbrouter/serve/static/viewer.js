@@ -35,6 +35,21 @@ function el(tag, attrs = {}, ...children) {
 
 function status(text) { $("status").textContent = text; }
 
+// An <img> cannot send the API key header: with a key, the image is fetched with it and shown
+// from a blob URL (released once loaded).
+function thumbnail(url, alt) {
+  const img = el("img", { alt, loading: "lazy" });
+  if (!localStorage.getItem("kbrouterKey")) {
+    img.src = url;
+    return img;
+  }
+  api(url).then((r) => r.blob()).then((blob) => {
+    img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
+    img.src = URL.createObjectURL(blob);
+  }).catch((err) => { img.alt = `${alt} (${err.message || err})`; });
+  return img;
+}
+
 // ------------------------------------------------------------------ rendering pieces
 
 function evidenceItem(ev) {
@@ -42,9 +57,7 @@ function evidenceItem(ev) {
   const head = `[${ev.kb}] ${ev.title || ev.id} · ${Number(ev.score).toFixed(3)}` +
     (ev.image_match ? " · image match" : "");
   li.append(el("div", { class: "meta", text: head }));
-  if (ev.modality === "image" && ev.image_url) {
-    li.append(el("img", { src: ev.image_url, alt: ev.title || ev.id, loading: "lazy" }));
-  }
+  if (ev.modality === "image" && ev.image_url) li.append(thumbnail(ev.image_url, ev.title || ev.id));
   if (ev.table) {
     const t = el("table");
     t.append(el("tr", {}, ...ev.table.header.map((h) => el("th", { text: h }))));
@@ -247,18 +260,12 @@ function tab(which) {
   $("tab-results").setAttribute("aria-pressed", String(!ask));
 }
 
-async function init() {
-  $("ask-form").addEventListener("submit", ask);
-  $("question").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ask(e); });
-  $("tab-ask").addEventListener("click", () => tab("ask"));
-  $("tab-results").addEventListener("click", () => tab("results"));
-  $("results-filter").addEventListener("change", showResults);
-  $("results-kb").addEventListener("change", showResults);
-  $("results-dir").addEventListener("change", (e) => loadResults(e.target.value));
+async function load() {
   try {
     const models = (await (await api("/v1/models")).json()).data.map((m) => m.id.replace(/^kbrouter\//, ""));
     $("method").replaceChildren(...models.map((m) => el("option", { value: m, text: m })));
-    $("method2").append(...models.map((m) => el("option", { value: m, text: m })));
+    $("method2").replaceChildren(el("option", { value: "", text: "(none)" }),
+      ...models.map((m) => el("option", { value: m, text: m })));
     for (const kb of (await (await api("/v1/kbs")).json()).kbs) kbInfo[kb.name] = kb;
     const dirs = (await (await api("/v1/results")).json()).results;
     $("results-dir").replaceChildren(...dirs.map((d) =>
@@ -268,6 +275,25 @@ async function init() {
   } catch (err) {
     status(String(err.message || err));
   }
+}
+
+function init() {
+  $("ask-form").addEventListener("submit", ask);
+  $("question").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ask(e); });
+  $("tab-ask").addEventListener("click", () => tab("ask"));
+  $("tab-results").addEventListener("click", () => tab("results"));
+  $("results-filter").addEventListener("change", showResults);
+  $("results-kb").addEventListener("change", showResults);
+  $("results-dir").addEventListener("change", (e) => loadResults(e.target.value));
+  // the API key (servers started with --api-key-env) stays in this browser's local storage
+  $("api-key").value = localStorage.getItem("kbrouterKey") || "";
+  $("api-key").addEventListener("change", (e) => {
+    const key = e.target.value.trim();
+    if (key) localStorage.setItem("kbrouterKey", key);
+    else localStorage.removeItem("kbrouterKey");
+    load();
+  });
+  load();
 }
 
 init();
