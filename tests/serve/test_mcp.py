@@ -83,9 +83,14 @@ def test_mcp_stdio_tools_with_the_sdk_client(config: Path, fake_server):
 
 
 def test_mcp_streamable_http_with_the_sdk_client(tmp_path):
+    """Over streamable HTTP with an API key: a request without it is refused (401) before the
+    MCP layer; the SDK client sending it as a bearer token uses every tool."""
+    import httpx
+    import httpx2
     from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
 
-    from kbrouter.serve.mcp import create_mcp_server
+    from kbrouter.serve.mcp import create_mcp_server, mcp_http_app
     from kbrouter.testing import LiveServer, ScriptedChatModel, demo_registry
 
     def reply(messages) -> str:
@@ -97,7 +102,9 @@ def test_mcp_streamable_http_with_the_sdk_client(tmp_path):
     server = create_mcp_server(ScriptedChatModel(reply), registry)
 
     async def session(url: str) -> None:
-        async with Client(f"{url}/mcp", read_timeout_seconds=60) as client:
+        keyed = httpx2.AsyncClient(headers={"Authorization": "Bearer mcp-key"}, timeout=60)
+        transport = streamable_http_client(f"{url}/mcp", http_client=keyed)
+        async with keyed, Client(transport, read_timeout_seconds=60) as client:
             hits = json.loads(
                 _text(await client.call_tool("search", {"kb": "tables", "query": "Canberra"}))
             )
@@ -114,7 +121,10 @@ def test_mcp_streamable_http_with_the_sdk_client(tmp_path):
             assert bad.is_error and "max_steps" in _text(bad)
 
     try:
-        with LiveServer(server.streamable_http_app()) as live:
+        with LiveServer(mcp_http_app(server, "mcp-key")) as live:
+            for headers in ({}, {"X-API-Key": "wrong"}):
+                r = httpx.post(f"{live.url}/mcp", json={"jsonrpc": "2.0"}, headers=headers)
+                assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
             anyio.run(session, live.url)
     finally:
         registry.close()

@@ -39,15 +39,10 @@ def serve_command(
     """Serve kbrouter over HTTP: /v1/answer (with streamed steps), an OpenAI-compatible
     /v1/chat/completions, /v1/search, /v1/kbs; OpenAPI at /openapi.json."""
     from kbrouter.cli.ask_cmd import _load_model, _open_registry
-    from kbrouter.errors import ConfigError
     from kbrouter.serve.app import create_app
 
     with cli_errors():
-        key = None
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ConfigError(f"--api-key-env {api_key_env}: that variable is not set")
+        key = _api_key(api_key_env)
         config = _config(method, router, max_concurrent, api_key=key, otlp_endpoint=otlp_endpoint)
         registry = _open_registry(kbs, quiet=False)
         chat_model = _load_model(model, quiet=False)
@@ -58,6 +53,18 @@ def serve_command(
         f"serving on http://{host}:{port} (trace viewer at /, OpenAPI at /openapi.json)"
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _api_key(env: str | None) -> str | None:
+    """The API key held by the environment variable ``env`` (None: no auth)."""
+    from kbrouter.errors import ConfigError
+
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ConfigError(f"--api-key-env {env}: that variable is not set")
+    return key
 
 
 def _config(method: str, router: Path | None, max_concurrent: int, **extra: Any) -> Any:
@@ -90,6 +97,11 @@ def mcp_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface (http transport)."),
     port: int = typer.Option(8001, "--port", help="Port (http transport)."),
     max_concurrent: int = typer.Option(4, "--max-concurrent", min=1, help="Questions at once."),
+    api_key_env: str | None = typer.Option(
+        None,
+        "--api-key-env",
+        help="Environment variable holding the API key HTTP clients must send (http transport).",
+    ),
 ) -> None:
     """Serve kbrouter as an MCP server: tools list_kbs, search(kb, query, k) and ask(question)."""
     from kbrouter.cli.ask_cmd import _load_model, _open_registry
@@ -99,6 +111,9 @@ def mcp_command(
     with cli_errors():
         if transport not in ("stdio", "http"):
             raise ConfigError(f"--transport must be stdio or http, not {transport!r}")
+        key = _api_key(api_key_env)
+        if key and transport != "http":
+            raise ConfigError("--api-key-env applies to --transport http (stdio has no clients)")
         config = _config(method, router, max_concurrent)
         # stdout is the stdio transport's channel: progress and notes go to stderr only
         registry = _open_registry(kbs, quiet=True)
@@ -107,8 +122,12 @@ def mcp_command(
     if transport == "stdio":
         server.run("stdio")
     else:
+        import uvicorn
+
+        from kbrouter.serve.mcp import mcp_http_app
+
         err_console.print(f"MCP over streamable HTTP on http://{host}:{port}/mcp")
-        server.run("streamable-http", host=host, port=port)
+        uvicorn.run(mcp_http_app(server, key), host=host, port=port, log_level="warning")
 
 
 def register(app: typer.Typer) -> None:

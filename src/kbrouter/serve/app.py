@@ -240,6 +240,13 @@ class _HTTPError(Exception):
         self.status, self.message = status, message
 
 
+def key_matches(authorization: str, x_api_key: str, want: str) -> bool:
+    """Whether a request's ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` header carries
+    the key ``want`` (compared in constant time)."""
+    got = authorization[7:] if authorization.lower().startswith("bearer ") else x_api_key
+    return hmac.compare_digest(got.encode(), want.encode())
+
+
 class Service:
     """What the app's handlers share: model, KBs, engines, limits, uploaded images."""
 
@@ -571,14 +578,8 @@ def create_app(
     async def auth(request: Request) -> None:
         if cfg.api_key is None:
             return
-        want = cfg.api_key.get_secret_value().encode()
-        header = request.headers.get("authorization", "")
-        got = (
-            header[7:]
-            if header.lower().startswith("bearer ")
-            else request.headers.get("x-api-key", "")
-        )
-        if not hmac.compare_digest(got.encode(), want):
+        got = request.headers.get("authorization", ""), request.headers.get("x-api-key", "")
+        if not key_matches(*got, cfg.api_key.get_secret_value()):
             raise _HTTPError(401, "missing or wrong API key")
 
     guarded = [Depends(auth)]

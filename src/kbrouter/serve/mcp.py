@@ -4,7 +4,9 @@
 calls; the same limits and checks).
 
 Transports: stdio (``kbrouter mcp``, for desktop agents that spawn it) and streamable HTTP
-(``kbrouter mcp --transport http``, at ``/mcp`` on loopback by default). A failing tool call is
+(``kbrouter mcp --transport http``, at ``/mcp`` on loopback by default; with ``--api-key-env``
+every HTTP request must carry the key as ``Authorization: Bearer KEY`` or ``X-API-Key``, see
+:func:`mcp_http_app`). A failing tool call is
 an MCP tool error whose message names the problem (unknown KB or method, empty query, busy, the
 model server unreachable); the server keeps serving.
 """
@@ -18,9 +20,9 @@ from typing import Any
 
 from kbrouter.engine.runtime import KBSource
 from kbrouter.models.base import ChatModel
-from kbrouter.serve.app import ServeConfig, Service, _HTTPError
+from kbrouter.serve.app import ServeConfig, Service, _HTTPError, key_matches
 
-__all__ = ["create_mcp_server"]
+__all__ = ["create_mcp_server", "mcp_http_app"]
 
 
 def create_mcp_server(
@@ -91,3 +93,36 @@ def create_mcp_server(
         return json.dumps({"answer": traj.answer, "trajectory": traj.model_dump(mode="json")})
 
     return server
+
+
+def mcp_http_app(server: Any, api_key: str | None = None) -> Any:
+    """The server's streamable-HTTP ASGI app; with ``api_key``, a request without that key
+    (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``) gets 401 before the MCP layer."""
+    app = server.streamable_http_app()
+    if not api_key:
+        return app
+
+    async def guarded(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            if not key_matches(
+                headers.get("authorization", ""), headers.get("x-api-key", ""), api_key
+            ):
+                body = json.dumps({"error": {"message": "missing or wrong API key"}}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"www-authenticate", b"Bearer"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return guarded
