@@ -672,7 +672,8 @@ def create_app(
         if req.stream or "text/event-stream" in request.headers.get("accept", ""):
             return stream(question, engine, ticket)
         traj = await service.answer(question, engine, ticket)
-        return {"answer": traj.answer, "trajectory": traj.model_dump(mode="json")}
+        # already JSON-safe: a JSONResponse skips FastAPI's re-encoding walk of the trajectory
+        return JSONResponse({"answer": traj.answer, "trajectory": traj.model_dump(mode="json")})
 
     results = _results_index(cfg.results_dirs)
 
@@ -755,25 +756,27 @@ def create_app(
             ticket.release()
         if traj.error and traj.stop_reason == "error":
             raise _HTTPError(503, f"answering failed: {traj.error}")
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": traj.answer},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": traj.prompt_tokens,
-                "completion_tokens": traj.completion_tokens,
-                "total_tokens": traj.prompt_tokens + traj.completion_tokens,
-            },
-            "kbrouter": {"trajectory": traj.model_dump(mode="json")},
-        }
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": traj.answer},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": traj.prompt_tokens,
+                    "completion_tokens": traj.completion_tokens,
+                    "total_tokens": traj.prompt_tokens + traj.completion_tokens,
+                },
+                "kbrouter": {"trajectory": traj.model_dump(mode="json")},
+            }
+        )
 
     return app
 
