@@ -9,7 +9,9 @@ uvicorn so the load generator does not share its interpreter.
 other for a bounded number of requests and seconds; throughput, p50/p95/p99 latency, errors.
 The engine alone (the same model, KBs and policy, ``Engine.answer`` with N questions at once,
 in-process) gives the baseline, so the server's overhead per request is reported in ms and as a
-ratio of latencies at N = 32. Writes ``load.json`` / ``load.md``.
+ratio of latencies at N = 32, and as CPU time: the server process's CPU per request against the
+engine's CPU per question (the latency overhead also holds the load generator's own CPU, which
+shares the machine's cores). Writes ``load.json`` / ``load.md``.
 
 ``fuzz``: schemathesis generates requests from the server's OpenAPI spec (bounded examples,
 seeded) and checks that none gets a 5xx; then hand-written bad bodies: broken multipart,
@@ -106,6 +108,13 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("the server did not become ready")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(20)
@@ -186,11 +195,20 @@ async def _engine_alone(n: int, rounds: int, latency: float) -> dict:
             assert traj.answer == "Canberra", traj.answer
             latencies.append(time.perf_counter() - t)
 
+        await one()  # warm-up, unmeasured
+        latencies.clear()
+        cpu = time.process_time()
         for _ in range(rounds):
             await asyncio.gather(*(one() for _ in range(n)))
+        cpu_ms = 1000 * (time.process_time() - cpu) / len(latencies)
         engine.close()
         registry.close()
-    return {"clients": n, "requests": len(latencies), **_stats(latencies)}
+    return {
+        "clients": n,
+        "requests": len(latencies),
+        "cpu_ms_per_question": round(cpu_ms, 2),
+        **_stats(latencies),
+    }
 
 
 def load(args) -> None:
@@ -200,7 +218,12 @@ def load(args) -> None:
         asyncio.run(_clients(server.url, 1, 2, 60))  # warm-up (first-request setup), unmeasured
         for n in levels:
             per = max(args.min_requests // n, 2)
+            cpu = server.cpu_seconds()
             rows.append(asyncio.run(_clients(server.url, n, per, args.max_seconds)))
+            # the server process's own CPU time per request (all its threads)
+            rows[-1]["server_cpu_ms_per_request"] = round(
+                1000 * (server.cpu_seconds() - cpu) / max(rows[-1]["requests"], 1), 2
+            )
             print(rows[-1], flush=True)
     base = asyncio.run(_engine_alone(32, 2, args.latency))
     at32 = next((r for r in rows if r["clients"] == 32), None)
@@ -212,6 +235,11 @@ def load(args) -> None:
             "engine_p50_ms": base["p50_ms"],
             "overhead_ms": round(at32["p50_ms"] - base["p50_ms"], 1),
             "ratio": round(at32["p50_ms"] / base["p50_ms"], 4),
+            "server_cpu_ms_per_request": at32["server_cpu_ms_per_request"],
+            "engine_cpu_ms_per_question": base["cpu_ms_per_question"],
+            "cpu_overhead_ms": round(
+                at32["server_cpu_ms_per_request"] - base["cpu_ms_per_question"], 2
+            ),
         }
     result = {
         "setup": {
@@ -253,6 +281,10 @@ def _load_md(r: dict) -> str:
             f"Engine alone at 32 questions at once: p50 {o['engine_p50_ms']} ms; through the "
             f"server {o['server_p50_ms']} ms: overhead {o['overhead_ms']} ms per request "
             f"(ratio {o['ratio']}).",
+            "",
+            f"CPU per request: the server process {o['server_cpu_ms_per_request']} ms, the "
+            f"engine alone {o['engine_cpu_ms_per_question']} ms per question: the server adds "
+            f"{o['cpu_overhead_ms']} ms of CPU per request (HTTP, JSON, auth, limits).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -275,6 +275,7 @@ class Service:
         try:
             for info in self.registry.infos:
                 self.registry.get(info.name)  # opens the index (a clear error if broken)
+            self.engine(None, None, None)  # the default method, built before the first request
             await self.model.chat(
                 [ChatMessage(role="user", content="ping")], SamplingParams(max_tokens=1)
             )
