@@ -63,7 +63,7 @@ def test_search_o1_searches_refines_inserts_and_answers(kbs):
         f"I need the director. {BEGIN_QUERY}director of Jump for Glory",  # stops at the end tag
         "**Final Information** Jump for Glory was directed by Raoul Walsh.",  # Reason-in-Docs
         f"Now the spouse. {BEGIN_QUERY}Raoul Walsh spouse",
-        "**Final Information** Raoul Walsh was married to Miriam Cooper.",
+        "Final Information:\nRaoul Walsh was married to Miriam Cooper.",  # no bold: accepted
         "So the answer is clear. <answer>Miriam Cooper</answer>",
     ]
     traj, model = _run("search-o1", outputs, kbs)

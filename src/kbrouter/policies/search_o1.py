@@ -8,7 +8,8 @@ The loop (released code: ``sunnynexus/Search-o1``, ``scripts/run_search_o1.py``)
    there).
 2. The query is searched; a separate **Reason-in-Documents** call gets the previous reasoning
    steps, the current query and the retrieved documents and writes only the helpful facts after
-   ``**Final Information**`` (or "No helpful information found.").
+   ``**Final Information**`` (or "No helpful information found."; the marker is accepted
+   without its bold, as small models write it).
 3. That refined text is inserted into the reasoning between ``<|begin_search_result|>`` and
    ``<|end_search_result|>`` and the model continues, until it answers or the search limit is
    reached (then it is told it may not search any more and must answer). A repeated query gets
@@ -95,7 +96,8 @@ REFINE_SYSTEM = (
 )
 
 _QUERY = re.compile(re.escape(BEGIN_QUERY) + r"(.*?)(?:" + re.escape(END_QUERY) + r"|$)", re.S)
-_FINAL_INFO = re.compile(r"\*\*Final Information\*\*:?\s*(.*)", re.S)
+# small models drop the bold ("Final Information:\n..."), so the marker's asterisks are optional
+_FINAL_INFO = re.compile(r"(?:\*\*)?Final Information(?:\*\*)?\s*:?\s*(.*)", re.S | re.I)
 
 
 class SearchO1Config(BaselineConfig):
