@@ -177,6 +177,18 @@ def test_omnisearch_parse_and_grammar():
         '<Thought>\nx\n<Sub-Question>\nWho?\n<Search>\nImage Retrieval with Text Query: "a flag"'
     )
     assert (kind, sub, query) == ("Image Retrieval with Text Query", "Who?", "a flag")
+    # copied format text: a label is stripped, a placeholder counts as missing
+    kind, sub, query, _ = parse_turn(
+        "<Thought>\nx\n<Sub-Question>\nOne sub-question: Who directed it?\n<Search>\n"
+        "Text Retrieval: Jump for Glory director"
+    )
+    assert (kind, sub, query) == ("Text Retrieval", "Who directed it?", "Jump for Glory director")
+    kind, sub, _, _ = parse_turn(
+        "<Thought>\nx\n<Sub-Question>\nOne sub-question:\n<Search>\nText Retrieval: a"
+    )
+    assert kind == "Text Retrieval" and sub is None
+    placeholder = "<Thought>\nx\n<End>\nFinal Answer: a short answer (a name, a number)"
+    assert parse_turn(placeholder)[0] == ""  # unusable: asked again
     assert "Input Image" in planner_grammar(True) and "Input Image" not in planner_grammar(False)
     assert "<Search>" not in planner_grammar(True, allow_search=False)
 

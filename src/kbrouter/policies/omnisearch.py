@@ -27,7 +27,11 @@ final answer extracted after ``Final Answer:``. What is adapted to a registry of
 * **Budget**: the original's 5 turns become the engine's step budget (``max_turns`` overrides),
   so OmniSearch is compared with the other methods at the same budget; greedy decoding.
 * **Small models**: a turn with neither an action nor a final answer is re-asked once with a
-  corrective message; then the method answers from the feedback so far (recorded).
+  corrective message; then the method answers from the feedback so far (recorded). The prompt
+  describes the parts in prose, without fill-in text (the 0.5B copied "one sub-question" and
+  "a short answer" verbatim); a copied format label ("One sub-question: ...") is stripped, and a
+  sub-question, query or final answer that is only a copied placeholder counts as missing (the
+  sub-question then falls back to the query).
 """
 
 from __future__ import annotations
@@ -64,12 +68,12 @@ SYSTEM = (
     "retrieval method:\n"
     f"- {TEXT}: <query> searches text passages and tables.\n"
     "{image_actions}"
-    "Follow this format strictly for each step:\n"
-    "<Thought>\nwhat you know and what you still need\n<Sub-Question>\none sub-question\n"
-    f"<Search>\n{TEXT}: your query\n\n"
-    "Then wait for the retrieved information. When you can answer, write:\n"
-    "<Thought>\nhow the information answers the question\n<End>\nFinal Answer: a short answer "
-    "(a name, a number, a date or a few words)\n\n"
+    "Each step is three tagged parts: after <Thought> say what you know and what you still "
+    "need; after <Sub-Question> write the sub-question itself; after <Search> write the "
+    f"retrieval method and its query (e.g. {TEXT}: ...). Then wait for the retrieved "
+    "information. When you can answer, write <Thought> with how the information answers the "
+    "question, then <End>, then Final Answer: followed by the answer in a few words (a name, "
+    "a number, a date).\n\n"
     "Do not analyse the image with your own knowledge: retrieve. You can find the answers with "
     "the retrieval methods."
 )
@@ -86,6 +90,20 @@ SOLVER_SYSTEM = (
 
 _FINAL = re.compile(r"Final Answer\s*:?\s*(.+)", re.I | re.S)
 _SUBQ = re.compile(r"<Sub-Question>\s*\n?(.*?)(?:\n|<Search>|$)", re.S)
+# format words small models copy in front of (or instead of) the content
+_SUBQ_LABEL = re.compile(r"^\s*(?:(?:one|the|my|next)\s+)?sub-?question(?:\s+is)?\s*:?\s*", re.I)
+_PLACEHOLDER = re.compile(
+    r"^\s*(?:a short answer|the answer in a few words|your query|\.\.\.|<query>)", re.I
+)
+
+
+def _content(text: str | None) -> str | None:
+    """``text`` without a copied format label ("One sub-question: ..."); None if nothing is
+    left or it is a copied placeholder ("your query", "a short answer ...")."""
+    if text is None:
+        return None
+    text = _SUBQ_LABEL.sub("", text).strip()
+    return None if not text or _PLACEHOLDER.match(text) else text
 
 
 class OmniSearchConfig(BaselineConfig):
@@ -125,10 +143,11 @@ def parse_turn(text: str) -> tuple[str, str | None, str, str | None]:
     """``(kind, sub_question, query, final)`` of a planner turn: kind is ``final``, one of the
     three actions, or ``""`` (unusable). Precedence as in the original: final answer first."""
     m = _FINAL.search(text)
-    if m and m.group(1).strip():
-        return "final", None, "", _one_line(m.group(1)).strip()
+    final = _content(_one_line(m.group(1)).strip()) if m else None
+    if final:
+        return "final", None, "", final
     sub = _SUBQ.search(text)
-    sub_question = _one_line(sub.group(1)) if sub and sub.group(1).strip() else None
+    sub_question = _content(_one_line(sub.group(1))) if sub else None
     search = text.split("<Search>", 1)[1] if "<Search>" in text else text
     for action in (INPUT_IMAGE, TEXT, TEXT_IMAGE):  # the original's order of matching
         i = search.find(action)
@@ -136,7 +155,7 @@ def parse_turn(text: str) -> tuple[str, str | None, str, str | None]:
             rest = search[i + len(action) :]
             query = rest.splitlines()[0] if rest.strip() else ""
             query = query.replace(":", " ").replace('"', " ").replace(">", " ")
-            return action, sub_question, _one_line(query).strip(), None
+            return action, sub_question, _content(_one_line(query).strip()) or "", None
     return "", sub_question, "", None
 
 
