@@ -189,6 +189,9 @@ def test_omnisearch_parse_and_grammar():
     assert kind == "Text Retrieval" and sub is None
     placeholder = "<Thought>\nx\n<End>\nFinal Answer: a short answer (a name, a number)"
     assert parse_turn(placeholder)[0] == ""  # unusable: asked again
+    for real in ("...Baby One More Time", "Your Query (film)", "Subquestions of Zeno"):
+        assert parse_turn(f"<Thought>\nx\n<End>\nFinal Answer: {real}")[3] == real
+    assert parse_turn("<Sub-Question>\nWho?\n<Search>\nText Retrieval: <query>")[2] == ""
     assert "Input Image" in planner_grammar(True) and "Input Image" not in planner_grammar(False)
     assert "<Search>" not in planner_grammar(True, allow_search=False)
 
@@ -243,6 +246,17 @@ def test_cogplanner_parallel_image_and_malformed(kbs, tmp_path):
     assert traj.stop_reason == "format_fallback" and traj.answer == "Australia"
     assert [c.purpose for c in traj.model_calls()] == ["route", "route", "route", "final"]
     assert any("malformed planning reply" in n for s in traj.steps for n in s.notes)
+
+
+def test_search_o1_takes_the_last_final_information_marker_at_a_line_start(kbs):
+    outputs = [
+        f"{BEGIN_QUERY}Jump for Glory",
+        "I will give the final information from the documents.\n"
+        "**Final Information:** Raoul Walsh directed it.",
+        "<answer>Raoul Walsh</answer>",
+    ]
+    traj, _ = _run("search-o1", outputs, kbs)
+    assert traj.steps[0].sub_answer == "Raoul Walsh directed it."
 
 
 def test_search_o1_a_query_repeated_forever_ends_in_an_answer(kbs):

@@ -183,6 +183,30 @@ def test_a_router_that_goes_on_by_itself_uses_no_continuation(demo_kbs):
     assert traj.answer == "Canberra" and traj.final_call is None
 
 
+def test_a_comparison_hop_is_not_anchored_on_the_first_answer():
+    from kbrouter.testing import StaticKB, StaticKBRegistry
+    from kbrouter.types import Evidence
+
+    passages = [
+        Evidence(kb="text", id="a", score=1.0, text="Alice Smith was born in 1950."),
+        Evidence(kb="text", id="b", score=1.0, text="Bob Jones was born in 1948."),
+    ]
+    kbs = StaticKBRegistry([StaticKB("text", passages)])
+    question = Question(text="Who was born first, Alice Smith or Bob Jones?")
+    outputs = [
+        _route("When was Alice Smith born?", "text"),
+        "<answer>1950</answer>",
+        _route("When was Bob Jones born?", "text"),  # the router goes on by itself: kept
+        "<answer>1948</answer>",
+        STOP,  # only "first" is uncovered now: the stop stands
+        "<answer>Bob Jones</answer>",
+    ]
+    traj, _ = _answer(kbs, outputs, question)
+    assert traj.steps[1].action.sub_question == "When was Bob Jones born?"
+    assert not any(n.startswith("after an entity hop") for s in traj.steps for n in s.notes)
+    assert traj.answer == "Bob Jones"
+
+
 def test_continuation_with_a_grammar_re_asks_the_same_prompt_without_the_stop_branch(demo_kbs):
     question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
     outputs = [
@@ -204,7 +228,7 @@ def test_continuation_with_a_grammar_re_asks_the_same_prompt_without_the_stop_br
     answers = [g for g in sent if "<sub-question>" not in g]
     assert answers == [answer_grammar()] * 2  # the sub-answer and the final answer
     assert "( stop | go )" in grammars[1] and "( stop | go )" not in grammars[2]
-    assert '( [^<\\n?N ] | "N" [^o<\\n?]' in grammars[2]  # cannot write "None"
+    assert '( [^<\\n\\t\\r?N ] | "N" [^o<\\n?]' in grammars[2]  # cannot write "None"
     assert traj.steps[1].action.sub_question == "What is the capital of Australia?"
     assert [c.purpose for c in traj.model_calls()][-1] == "final"
 

@@ -127,7 +127,7 @@ def mcp_command(
         from kbrouter.serve.mcp import mcp_http_app
 
         err_console.print(f"MCP over streamable HTTP on http://{host}:{port}/mcp")
-        uvicorn.run(mcp_http_app(server, key), host=host, port=port, log_level="warning")
+        uvicorn.run(mcp_http_app(server, key, host), host=host, port=port, log_level="warning")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,8 +15,9 @@ answer repeats the entity. The rule here is a setting of the R1-Router family of
 
 Then the router is asked to go on (an LLM router is re-asked without the grammar's stop branch,
 or with a corrective message when there is no grammar; a learned router takes its best KB), at
-most ``max_continuations`` times per question (``Step.continued`` marks such a step). A next
-sub-question after an entity hop -- continued or not -- must be *about* the entity: if it
+most ``max_continuations`` times per question (``Step.continued`` marks such a step). The
+sub-question of a continued step, or of the step right after the image was identified, must be
+*about* the entity: if it
 mentions nothing of the answer that the question does not already say (the 0.5B router asked
 "Which city is shown in the image?" after "Flag of Australia"), it is replaced by the question
 with the entity in brackets, which retrieves by both

@@ -91,9 +91,9 @@ SOLVER_SYSTEM = (
 _FINAL = re.compile(r"Final Answer\s*:?\s*(.+)", re.I | re.S)
 _SUBQ = re.compile(r"<Sub-Question>\s*\n?(.*?)(?:\n|<Search>|$)", re.S)
 # format words small models copy in front of (or instead of) the content
-_SUBQ_LABEL = re.compile(r"^\s*(?:(?:one|the|my|next)\s+)?sub-?question(?:\s+is)?\s*:?\s*", re.I)
-_PLACEHOLDER = re.compile(
-    r"^\s*(?:a short answer|the answer in a few words|your query|\.\.\.|<query>)", re.I
+_SUBQ_LABEL = re.compile(r"^\s*(?:(?:one|the|my|next)\s+)?sub-?question\b(?:\s+is)?\s*:?\s*", re.I)
+_PLACEHOLDER = re.compile(  # the whole text is copied format text
+    r"\s*(?:a short answer\b.*|the answer in a few words.*|your query|\.\.\.|<query>)\s*", re.I
 )
 
 
@@ -103,7 +103,7 @@ def _content(text: str | None) -> str | None:
     if text is None:
         return None
     text = _SUBQ_LABEL.sub("", text).strip()
-    return None if not text or _PLACEHOLDER.match(text) else text
+    return None if not text or _PLACEHOLDER.fullmatch(text) else text
 
 
 class OmniSearchConfig(BaselineConfig):
@@ -153,9 +153,9 @@ def parse_turn(text: str) -> tuple[str, str | None, str, str | None]:
         i = search.find(action)
         if i >= 0:
             rest = search[i + len(action) :]
-            query = rest.splitlines()[0] if rest.strip() else ""
-            query = query.replace(":", " ").replace('"', " ").replace(">", " ")
-            return action, sub_question, _content(_one_line(query).strip()) or "", None
+            query = _content(rest.splitlines()[0].lstrip(" :")) if rest.strip() else None
+            query = (query or "").replace(":", " ").replace('"', " ").replace(">", " ")
+            return action, sub_question, _one_line(query).strip(), None
     return "", sub_question, "", None
 
 

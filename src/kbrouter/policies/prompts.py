@@ -443,7 +443,7 @@ def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True) -> str:
     branches = "( stop | go )" if allow_stop else "go"
     # without the stop branch a sub-question may not start with "None" or a space (small
     # models write "None, None, ..." until the token cap); "Name ...", "Nobel ..." may
-    not_none = '( [^<\\n?N ] | "N" [^o<\\n?] | "No" [^n<\\n?] | "Non" [^e<\\n?] )'
+    not_none = '( [^<\\n\\t\\r?N ] | "N" [^o<\\n?] | "No" [^n<\\n?] | "Non" [^e<\\n?] )'
     subq = '[^<\\n?]{1,200} "?"' if allow_stop else f'{not_none} [^<\\n?]{{0,196}} "?"'
 
     return "\n".join(

@@ -197,6 +197,7 @@ class R1RouterPolicy(Policy):
         stop_reason: StopReason = "budget"
         continued = 0
         identified = False  # an image-KB match has named what the question's image shows
+        just_identified = False  # ... at the latest hop
 
         for index in range(rt.max_steps):
             step = Step(index=index)
@@ -205,9 +206,10 @@ class R1RouterPolicy(Policy):
             action = await self._route(question, history, rt, prompts, step, keep_going=keep_going)
             if step.continued:
                 continued += 1
-            if keep_going is not None and action is not None and not action.is_stop:
-                # after an entity hop, a next sub-question that does not name the entity is
-                # anchored on it, whether the router went on by itself or was asked to
+            anchor = step.continued or just_identified
+            if keep_going is not None and anchor and action is not None and not action.is_stop:
+                # a continued step, or the step after the image was identified: a sub-question
+                # that does not name the entity found is anchored on it
                 action = self._anchor(question, history, action, rt, step)
             if action is None:  # fallback: notes say why
                 stop_reason = (
@@ -239,7 +241,7 @@ class R1RouterPolicy(Policy):
             first = self.config.identify_first and not identified and only_images
             if entity is not None and (asked or first):
                 assert entity.title is not None
-                identified = True
+                identified = just_identified = True
                 step.sub_answer = entity.title
                 asked_text = action.sub_question if asked else IDENTIFY_QUESTION
                 self._note(
@@ -271,6 +273,7 @@ class R1RouterPolicy(Policy):
                 stop_reason = "error"
                 break
             step.sub_answer = parse_answer(call.output)
+            just_identified = False
             history.append(Hop(action.sub_question, step.sub_answer, tuple(action.kbs)))
             self._emit(rt, "sub_answer", question, step=step)
         else:

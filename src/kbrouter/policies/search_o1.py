@@ -96,8 +96,9 @@ REFINE_SYSTEM = (
 )
 
 _QUERY = re.compile(re.escape(BEGIN_QUERY) + r"(.*?)(?:" + re.escape(END_QUERY) + r"|$)", re.S)
-# small models drop the bold ("Final Information:\n..."), so the marker's asterisks are optional
-_FINAL_INFO = re.compile(r"(?:\*\*)?Final Information(?:\*\*)?\s*:?\s*(.*)", re.S | re.I)
+# the marker at a line start, bold or not ("**Final Information**", "Final Information:"; small
+# models drop the bold); the last one counts
+_FINAL_INFO = re.compile(r"^[ \t*#]*Final Information[ \t*:]*(.*)", re.M | re.S | re.I)
 
 
 class SearchO1Config(BaselineConfig):
@@ -261,8 +262,8 @@ class SearchO1Policy(_Baseline):
         if call.error:
             self._note(rt, question, step, f"Reason-in-Documents failed: {call.error}")
             return NO_INFO
-        m = _FINAL_INFO.search(call.output)
-        info = _one_line(m.group(1) if m else "")
+        found = list(_FINAL_INFO.finditer(call.output))
+        info = _one_line(found[-1].group(1) if found else "")
         if not info:
             self._note(rt, question, step, "Reason-in-Documents reply has no Final Information")
             return NO_INFO

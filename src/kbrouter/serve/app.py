@@ -289,9 +289,11 @@ class Service:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
-        if self._owns_tracer:  # a tracer passed in is its owner's to close
-            self.tracer.close()
-        self._tmp.cleanup()
+        try:
+            if self._owns_tracer:  # a tracer passed in is its owner's to close
+                self.tracer.close()
+        finally:
+            self._tmp.cleanup()
 
     def engine(self, method: str | None, max_steps: int | None, top_k: int | None) -> Engine:
         from kbrouter.policies.baselines import make_policy

@@ -95,10 +95,12 @@ def create_mcp_server(
     return server
 
 
-def mcp_http_app(server: Any, api_key: str | None = None) -> Any:
-    """The server's streamable-HTTP ASGI app; with ``api_key``, a request without that key
-    (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``) gets 401 before the MCP layer."""
-    app = server.streamable_http_app()
+def mcp_http_app(server: Any, api_key: str | None = None, host: str = "127.0.0.1") -> Any:
+    """The server's streamable-HTTP ASGI app for clients reaching ``host`` (the SDK's
+    DNS-rebinding protection accepts only loopback Host headers when it is a loopback address);
+    with ``api_key``, a request without that key (``Authorization: Bearer KEY`` or
+    ``X-API-Key: KEY``) gets 401 before the MCP layer."""
+    app = server.streamable_http_app(host=host)
     if not api_key:
         return app
 
