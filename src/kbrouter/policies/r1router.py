@@ -198,6 +198,7 @@ class R1RouterPolicy(Policy):
         continued = 0
         identified = False  # an image-KB match has named what the question's image shows
         just_identified = False  # ... at the latest hop
+        image_kbs = {kb.name for kb in rt.kbs if kb.modality == Modality.IMAGE}
 
         for index in range(rt.max_steps):
             step = Step(index=index)
@@ -236,7 +237,6 @@ class R1RouterPolicy(Policy):
             asked = asks_what_image_shows(action.sub_question)
             # identifying first drops what the step's other KBs found, so only a step that
             # searched image KBs alone is answered by the identification
-            image_kbs = {kb.name for kb in rt.kbs if kb.modality == Modality.IMAGE}
             only_images = all(r.kb in image_kbs for r in step.retrievals)
             first = self.config.identify_first and not identified and only_images
             if entity is not None and (asked or first):
