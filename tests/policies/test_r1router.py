@@ -370,3 +370,43 @@ def test_one_min_retrieval_steps_default_for_ask_and_eval():
     assert _policy("r1-router", None, None).config == make_policy("r1-router").config
     assert _policy("random-kb", None, None).config == make_policy("random-kb").config
     assert _policy("r1-router", None, 0).config.min_retrieval_steps == 0
+
+
+class TrainedScriptedModel(ScriptedChatModel):
+    """A scripted model that says it was fine-tuned with the compact router prompt (as an
+    exported GGUF records in its metadata)."""
+
+    @property
+    def prompt_variant(self) -> str | None:
+        return "compact"
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "setting", "expected"),
+    [
+        (ScriptedChatModel, "auto", "full"),
+        (TrainedScriptedModel, "auto", "compact"),
+        (TrainedScriptedModel, "full", "full"),
+        (ScriptedChatModel, "compact", "compact"),
+    ],
+)
+def test_router_prompt_follows_the_model_record(demo_kbs, model_cls, setting, expected):
+    """``router_prompt="auto"`` uses the variant the model records; an explicit setting wins.
+    The compact prompt has no few-shot turns and is much shorter than the full one."""
+    script = Script(routes=[route("Which country is Canberra in?", "text"), route(None, None)])
+    model = model_cls(script)
+    engine = Engine(
+        model,
+        demo_kbs,
+        R1RouterPolicy(router_prompt=setting, **PAPER_READING),
+        EngineConfig(max_steps=2),
+    )
+    traj = engine.answer_sync("How many people live in the country of Canberra?")
+    assert traj.config["router_prompt_used"] == expected
+    first_route = script.seen["route"][0]
+    if expected == "compact":
+        assert len(first_route) == 2  # system + the question: no few-shot turns
+        assert first_route[0].text().startswith("Answer the question one retrieval at a time")
+    else:
+        assert len(first_route) > 2  # few-shot turns
+        assert "question decomposition expert" in first_route[0].text()

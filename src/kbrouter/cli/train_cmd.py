@@ -1,4 +1,6 @@
-"""``kbrouter synth`` (teacher trajectories -> step samples), ``kbrouter train sft|step-grpo``."""
+"""``kbrouter synth`` (teacher trajectories -> step samples), ``kbrouter train sft|step-grpo``,
+``kbrouter train gold-paths`` (step samples from gold annotations) and ``kbrouter train export``
+(a checkpoint as a llama.cpp GGUF)."""
 
 from __future__ import annotations
 
@@ -401,6 +403,104 @@ def synth_command(
         f"kept {report.kept}/{report.total} trajectories this run "
         f"(dropped: {dict(report.dropped) or 'none'}); {len(samples)} step samples in {out}"
     )
+
+
+@train_app.command("gold-paths")
+def gold_paths_command(
+    dataset: str = typer.Option(
+        ..., "--dataset", "-d", help="Questions with gold KBs (and evidence): mkqa-mini, jsonl:<p>."
+    ),
+    kbs: Path = typer.Option(..., "--kbs", help="kbs.toml whose KB names the gold KBs use."),
+    out: Path = typer.Option(..., "--out", "-o", help="Step samples JSONL to write."),
+    holdout: int = typer.Option(
+        0,
+        "--holdout",
+        min=0,
+        help="Leave out a seeded, source-stratified subset of N questions (for validation); "
+        "their ids are written to <out>.holdout.json.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out subset."),
+    top_k: int = typer.Option(2, "--top-k", min=1, help="Evidence shown per KB (engine top-k)."),
+    router_prompt: str = typer.Option(
+        "compact", "--router-prompt", help="Router prompt variant of the samples: compact|full."
+    ),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Shared data folder."),
+) -> None:
+    """Assemble router and sub-answer step samples along the gold KB path of each question,
+    retrieving with the real KBs (see kbrouter.train.gold_paths)."""
+    from kbrouter.errors import ConfigError
+    from kbrouter.eval.datasets import load_dataset, select_examples
+    from kbrouter.kb.registry import KBRegistry
+    from kbrouter.policies.prompts import ROUTER_PROMPTS
+    from kbrouter.train.gold_paths import GoldPathBuilder
+    from kbrouter.train.steps import write_steps
+
+    with cli_errors():
+        examples = load_dataset(dataset, data_dir=data_dir).examples
+        held: list[str] = []
+        if holdout:
+            held = [e.id for e in select_examples(examples, holdout, seed=seed, stratify=True)]
+            examples = [e for e in examples if e.id not in set(held)]
+        registry = KBRegistry.from_config(kbs)
+        registry.build(progress=True)
+        if router_prompt not in ROUTER_PROMPTS:
+            raise ConfigError(f"--router-prompt must be one of {ROUTER_PROMPTS}")
+        builder = GoldPathBuilder(
+            registry,
+            top_k=top_k,
+            router_prompt=router_prompt,  # type: ignore[arg-type]
+        )
+        report = builder.build(examples)
+        write_steps(report.samples, out)
+        if held:
+            from kbrouter.files import atomic_write_text
+
+            atomic_write_text(
+                out.with_name(out.name + ".holdout.json"),
+                json.dumps({"seed": seed, "ids": sorted(held)}, indent=2),
+            )
+    console.print(
+        f"gold paths: kept {report.kept}/{report.total} questions "
+        f"(dropped: {dict(report.dropped) or 'none'}); {len(report.samples)} step samples "
+        f"{report.counts()} in {out}"
+    )
+
+
+@train_app.command("export")
+def export_command(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="A training run's final folder (LoRA adapter or full model)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write."),
+    quant: str = typer.Option("q4_k_m", "--quant", help="f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0."),
+    router_prompt: str = typer.Option(
+        "compact", "--router-prompt", help="Prompt variant the model was trained with."
+    ),
+    base_model: str | None = typer.Option(
+        None, "--base-model", help="Base model of a LoRA run (default: from its run info)."
+    ),
+    llama_cpp_dir: Path | None = typer.Option(
+        None,
+        "--llama-cpp-dir",
+        help="llama.cpp sources with convert_hf_to_gguf.py (default: $KBROUTER_LLAMA_CPP, else "
+        "unpacked once from the installed llama-cpp-python's source archive).",
+    ),
+) -> None:
+    """Merge LoRA, convert with llama.cpp's converter, quantise, and record the prompt variant:
+    run it with --model llama-cpp:<out>."""
+    from kbrouter.train.export import export_gguf
+
+    with cli_errors():
+        path = export_gguf(
+            checkpoint,
+            out,
+            quant=quant,
+            router_prompt=router_prompt,
+            base_model=base_model,
+            llama_cpp_dir=llama_cpp_dir,
+        )
+    size = path.stat().st_size / 2**20
+    console.print(f"wrote {path} ({size:.0f} MiB, {quant}); run it with --model llama-cpp:{path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -414,6 +414,10 @@ class QuestionRuntime:
         return bool(self._ctx.model.supports_images)
 
     @property
+    def prompt_variant(self) -> str | None:
+        return self._ctx.model.prompt_variant
+
+    @property
     def supports_grammar(self) -> bool:
         """Whether GBNF grammars are enforced (backend support and the engine switch)."""
         return self._ctx.supports_grammar

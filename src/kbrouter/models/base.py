@@ -23,6 +23,13 @@ class ChatModel(ABC):
     """True if ``SamplingParams.grammar`` (GBNF) is enforced."""
     context_window: int | None = None
 
+    @property
+    def prompt_variant(self) -> str | None:
+        """The router prompt variant this model was fine-tuned with (``compact`` for a router
+        exported by ``kbrouter train export``), or None for a model that was not: policies
+        whose ``router_prompt`` is ``auto`` use it."""
+        return None
+
     @abstractmethod
     async def chat(
         self, messages: list[ChatMessage], params: SamplingParams | None = None

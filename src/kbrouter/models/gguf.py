@@ -288,3 +288,34 @@ def _write_sidecar(target: Path, digest: str) -> None:
 
 
 _sha256_file = file_sha256  # the one hasher (a module name, so tests can count calls)
+
+
+# --------------------------------------------------------------------------- kbrouter metadata
+
+ROUTER_PROMPT_KEY = "kbrouter.router_prompt"
+"""GGUF metadata key: the router prompt variant a model was fine-tuned with (``compact``)."""
+MANIFEST_KEY = "kbrouter.manifest"
+"""GGUF metadata key: JSON describing how ``kbrouter train export`` made the file (base model,
+training run, LoRA merge, quantisation, kbrouter version)."""
+
+
+def read_kbrouter_metadata(path: str | Path) -> dict[str, str]:
+    """The ``kbrouter.*`` metadata of a GGUF file (empty for a model kbrouter did not export),
+    read by llama.cpp itself with a vocabulary-only load (under a second; no weights)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:  # pragma: no cover - llama-cpp-python is the llm extra
+        raise ModelError("reading GGUF metadata needs llama-cpp-python (the llm extra)") from e
+    try:
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad file
+        raise ModelError(f"llama.cpp cannot read {path}: {type(e).__name__}: {e}") from e
+    try:
+        return kbrouter_metadata(llm.metadata)
+    finally:
+        llm.close()
+
+
+def kbrouter_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The ``kbrouter.*`` entries of a llama.cpp metadata dict."""
+    return {k: v for k, v in metadata.items() if k.startswith("kbrouter.")}

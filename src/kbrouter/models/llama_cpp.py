@@ -174,6 +174,7 @@ class LlamaCppModel(ChatModel):
         self.config = config
         self.model_path = resolve_gguf(model)
         self._identity: dict | None = None
+        self._metadata: dict[str, str] | None = None
         self.name = self.model_path.stem
         self.context_window = config.n_ctx
         self._llm: Any = None
@@ -220,6 +221,20 @@ class LlamaCppModel(ChatModel):
             "prefix_cache": cfg.prefix_cache,
             "extra_buffer_types": cfg.extra_buffer_types,
         }
+
+    @property
+    def kbrouter_metadata(self) -> dict[str, str]:
+        """The GGUF's ``kbrouter.*`` metadata (written by ``kbrouter train export``); loads the
+        model if it is not loaded yet (llama.cpp reads the metadata with the weights)."""
+        if self._metadata is None:
+            self.load()
+        return dict(self._metadata or {})
+
+    @property
+    def prompt_variant(self) -> str | None:
+        from kbrouter.models.gguf import ROUTER_PROMPT_KEY
+
+        return self.kbrouter_metadata.get(ROUTER_PROMPT_KEY)
 
     def identity(self) -> dict:
         """The GGUF's sha256 and the context size; not its path or the thread count."""
@@ -270,6 +285,9 @@ class LlamaCppModel(ChatModel):
             raise ModelError(f"llama.cpp cannot load {self.model_path}: {e}") from e
         self._llm = llm
         self._formatter = None
+        from kbrouter.models.gguf import kbrouter_metadata
+
+        self._metadata = kbrouter_metadata(llm.metadata)
         template = llm.metadata.get("tokenizer.chat_template")
         if cfg.chat_format is None and template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter

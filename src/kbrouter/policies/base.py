@@ -46,6 +46,12 @@ class Runtime(Protocol):
         ...
 
     @property
+    def prompt_variant(self) -> str | None:
+        """The router prompt variant the model was trained with (a trained model records it,
+        e.g. in its GGUF metadata), or None."""
+        ...
+
+    @property
     def max_steps(self) -> int:
         """Retrieval-step budget for this run."""
         ...

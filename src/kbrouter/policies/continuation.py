@@ -151,7 +151,13 @@ def anchored_sub_question(question: str, sub_question: str, answer: str) -> str 
 
 
 def asks_whole_question(question: str, sub_question: str) -> bool:
-    """Whether ``sub_question`` asks the whole ``question`` (it starts with the question's
-    text, case and surrounding space ignored), so its answer answers the question."""
-    q = " ".join(question.split()).casefold()
-    return bool(q) and " ".join(sub_question.split()).casefold().startswith(q)
+    """Whether ``sub_question`` asks the whole ``question``: it is the question (case, spacing
+    and final punctuation ignored), optionally followed by a parenthesised anchor such as
+    ``(Canberra)``, so its answer answers the question. A router whose output grammar ends
+    sub-questions with ``?`` writes "Q (entity)?" for "Q? (entity)"."""
+    q = " ".join(question.split()).casefold().rstrip("?. ")
+    sub = " ".join(sub_question.split()).casefold()
+    if not q or not sub.startswith(q):
+        return False
+    rest = sub[len(q) :].strip()
+    return rest in ("", "?", ".") or rest.lstrip("?. ").startswith("(")

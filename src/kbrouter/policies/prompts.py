@@ -4,7 +4,10 @@ Three prompts, each ``system`` (+ fixed few-shot turns) followed by ONE variable
 
 - **route**: the paper's decomposition rules with the KB list and guidance generalised from the
   registry (names, descriptions, modalities), optionally one few-shot example per KB plus a
-  stop example (the 0.5B model keeps the tag format only with them);
+  stop example (the 0.5B model keeps the tag format only with them). The ``compact`` variant
+  (:data:`ROUTER_PROMPTS`) is a short format statement and the KB list with no examples: the
+  prompt a trained router is fine-tuned on (it needs no examples, and every route call gets
+  cheaper);
 - **sub-answer**: the top-k evidence, tagged by KB (passages, compact tables, image captions),
   and the sub-question (+ the question's image when the backend sees images);
 - **final answer**: the question (+ image) and the full history of sub-questions and answers.
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Literal
 
 from kbrouter.policies.parser import format_route
 from kbrouter.types import (
@@ -37,6 +41,7 @@ from kbrouter.types import (
 )
 
 __all__ = [
+    "ROUTER_PROMPTS",
     "Hop",
     "PromptBuilder",
     "load_prompt",
@@ -45,6 +50,13 @@ __all__ = [
     "question_content",
     "route_grammar",
 ]
+
+
+ROUTER_PROMPTS = ("full", "compact")
+"""Router prompt variants: ``full`` (the decomposition rules, with few-shot turns unless
+``few_shot`` is off) and ``compact`` (format + KB list, no examples; for trained routers)."""
+
+RouterPrompt = Literal["full", "compact"]
 
 
 def load_prompt(name: str) -> str:
@@ -226,6 +238,8 @@ class PromptBuilder:
             tag format only with them).
         answer_few_shot: add one example each to the sub-answer and final prompts (off by
             default: the 0.5B model was seen copying the example's answer).
+        router_prompt: ``full`` or ``compact`` (see :data:`ROUTER_PROMPTS`; ``compact`` never
+            has few-shot turns).
     """
 
     def __init__(
@@ -235,9 +249,15 @@ class PromptBuilder:
         supports_images: bool,
         few_shot: bool = True,
         answer_few_shot: bool = False,
+        router_prompt: RouterPrompt = "full",
     ) -> None:
         if not kbs:
             raise ValueError("a PromptBuilder needs at least one knowledge base")
+        if router_prompt not in ROUTER_PROMPTS:
+            raise ValueError(
+                f"unknown router prompt {router_prompt!r}; expected one of {ROUTER_PROMPTS}"
+            )
+        self.router_prompt = router_prompt
         self.kbs = list(kbs)
         self.supports_images = supports_images
         self.few_shot = few_shot
@@ -250,6 +270,12 @@ class PromptBuilder:
 
     def router_system_prompt(self) -> str:
         kb_list = "\n".join(f"- {kb.name}: {' '.join(kb.description.split())}" for kb in self.kbs)
+        if self.router_prompt == "compact":
+            kb_list = "\n".join(
+                f"- {kb.name} ({kb.modality.value}): {' '.join(kb.description.split())}"
+                for kb in self.kbs
+            )
+            return load_prompt("router_compact_system").format(kb_list=kb_list)
         guidance = []
         for modality, what in _GUIDANCE.items():
             names = [kb.name for kb in self.kbs if kb.modality == modality]
@@ -276,7 +302,7 @@ class PromptBuilder:
 
     def _build_route_prefix(self) -> list[ChatMessage]:
         msgs = [ChatMessage(role="system", content=self.router_system_prompt())]
-        if not self.few_shot:
+        if not self.few_shot or self.router_prompt == "compact":
             return msgs
         # The stop example comes first: small models copy the most recent example most.
         q, hist, think = _STOP_EXAMPLE

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +28,13 @@ from kbrouter.policies.continuation import (
     is_refusal,
 )
 from kbrouter.policies.parser import parse_answer, parse_route
-from kbrouter.policies.prompts import Hop, PromptBuilder, answer_grammar
+from kbrouter.policies.prompts import (
+    ROUTER_PROMPTS,
+    Hop,
+    PromptBuilder,
+    RouterPrompt,
+    answer_grammar,
+)
 from kbrouter.policies.readers import TableReader, read_tables
 from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
 from kbrouter.reading.margin import within_margin
@@ -62,6 +68,13 @@ class R1RouterConfig(BaseModel):
     )
     answer_few_shot: bool = Field(
         False, description="One example in the sub-answer and final prompts."
+    )
+    router_prompt: Literal["auto", "full", "compact"] = Field(
+        "auto",
+        description="Router prompt variant: 'full' (the decomposition rules, few-shot turns per "
+        "few_shot), 'compact' (format + KB list, no examples: what trained routers are "
+        "fine-tuned on) or 'auto' (the variant the model records it was trained with, e.g. in "
+        "an exported GGUF's metadata; else 'full').",
     )
     use_grammar: bool = Field(
         True,
@@ -173,9 +186,17 @@ class R1RouterPolicy(Policy):
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, **self.config.model_dump()}
 
+    def router_prompt(self, rt: Runtime) -> RouterPrompt:
+        """The router prompt variant used with this runtime's model (``auto`` resolved)."""
+        if self.config.router_prompt != "auto":
+            return self.config.router_prompt
+        variant = getattr(rt, "prompt_variant", None)
+        return variant if variant in ROUTER_PROMPTS else "full"
+
     def prompts(self, rt: Runtime) -> PromptBuilder:
         """The prompt builder for this runtime's KBs and backend (built once, then reused)."""
-        key = (tuple(kb.model_dump_json() for kb in rt.kbs), rt.supports_images)
+        variant = self.router_prompt(rt)
+        key = (tuple(kb.model_dump_json() for kb in rt.kbs), rt.supports_images, variant)
         builder = self._builders.get(key)
         if builder is None:
             builder = PromptBuilder(
@@ -183,6 +204,7 @@ class R1RouterPolicy(Policy):
                 supports_images=rt.supports_images,
                 few_shot=self.config.few_shot,
                 answer_few_shot=self.config.answer_few_shot,
+                router_prompt=variant,
             )
             self._builders[key] = builder
         return builder
@@ -192,7 +214,11 @@ class R1RouterPolicy(Policy):
     async def run(self, question: Question, rt: Runtime) -> Trajectory:
         t0 = time.perf_counter()
         prompts = self.prompts(rt)
-        traj = Trajectory(question=question, method=self.name, config=self.describe())
+        traj = Trajectory(
+            question=question,
+            method=self.name,
+            config={**self.describe(), "router_prompt_used": prompts.router_prompt},
+        )
         history: list[Hop] = []
         stop_reason: StopReason = "budget"
         continued = 0

@@ -32,6 +32,7 @@ def train_sft(
     tokenizer: Any = None,
     progress: bool = False,
     use_teacher_response: bool = True,
+    resume: bool = True,
 ) -> TrainResult:
     """Fine-tune ``config.model`` on the step samples; save ``<output_dir>/final``.
 
@@ -43,6 +44,8 @@ def train_sft(
         progress: show a rich progress bar.
         use_teacher_response: train on the teacher's raw response when a sample has one
             (else on a response rendered from the target).
+        resume: continue from the newest ``checkpoint-*`` in ``config.output_dir`` (written
+            every ``config.save_steps`` updates) instead of starting over.
     """
     from datasets import Dataset
     from trl import SFTTrainer
@@ -65,8 +68,15 @@ def train_sft(
         peft_config=config.lora.to_peft(),
         callbacks=callbacks,
     )
+    last = None
+    if resume and config.output_dir.is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(config.output_dir))
+        if last:
+            logger.info("resuming SFT from %s", last)
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     final = save_trained(
         trainer, config.output_dir / "final", config.model, merge_lora=config.lora.merge_on_save

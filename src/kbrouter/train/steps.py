@@ -104,6 +104,11 @@ class StepSample(BaseModel):
     response: str | None = Field(
         None, description="The teacher's raw output at this step, when known (SFT target)."
     )
+    origin: str = Field(
+        "",
+        description="How the sample was made: 'teacher' (synthesis through the engine), "
+        "'gold-path' (assembled from gold annotations), '' (unknown, e.g. the released file).",
+    )
 
     @model_validator(mode="after")
     def _target_matches_type(self) -> StepSample:

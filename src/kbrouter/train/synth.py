@@ -93,6 +93,7 @@ def trajectory_to_samples(
                     trajectory_id=tid,
                     step_index=idx,
                     response=call.output,
+                    origin="teacher",
                 )
             )
             idx += 1
@@ -107,6 +108,7 @@ def trajectory_to_samples(
                     trajectory_id=tid,
                     step_index=idx,
                     response=ans.output,
+                    origin="teacher",
                 )
             )
             idx += 1
@@ -122,6 +124,7 @@ def trajectory_to_samples(
                 trajectory_id=tid,
                 step_index=idx,
                 response=final.output,
+                origin="teacher",
             )
         )
     return out

@@ -1,0 +1,381 @@
+"""Gold-path trajectories: step samples assembled from a dataset's annotations.
+
+Teacher synthesis (:mod:`kbrouter.train.synth`) keeps only what a teacher model happened to get
+right. A dataset that records its gold KBs in hop order and its gold evidence ids (mkqa-mini;
+JSONL with ``gold_kbs`` / ``gold_evidence``) says what the right path is, so the router's
+training steps can be built from it directly:
+
+1. the sub-question of every hop is written from the question's structure, the way kbrouter's
+   loop asks it: the first hop asks the whole question; a hop after an entity was found (the
+   image identified, or the bridge passage of a text multi-hop question) asks the question
+   anchored on that entity (:func:`~kbrouter.policies.continuation.anchored_sub_question`);
+2. every hop is **retrieved with the real KBs** (the engine's ``retrieve_k``, the policy's
+   shown top-k and pinned-image rule) and the trajectory is kept only if the retrieval finds
+   what the annotation says it should: the gold image matched by content, the gold table among
+   the ``retrieve_k`` hits, a gold answer string in the evidence shown at the answering hop,
+   the bridge passage at the first hop;
+3. the prompts are exactly the engine's (:class:`~kbrouter.policies.prompts.PromptBuilder` with
+   the chosen router prompt variant), so a model fine-tuned on them sees at inference what it
+   saw in training.
+
+Each kept trajectory gives router steps (the gold KB and sub-question at every hop, then a stop)
+and sub-answer steps where the engine asks the model (text and image evidence; image
+identification is answered without a model call, and tables are read by the SQL reader, whose
+query has no gold). Samples carry ``origin="gold-path"`` so they can be told apart from teacher
+samples (``origin="teacher"``) in one file.
+
+The path follows :class:`~kbrouter.policies.r1router.R1RouterPolicy` with its default reading
+settings (``identify_first``, ``pinned_alone``, ``answer_from_question_hop``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kbrouter.policies.continuation import anchored_sub_question
+from kbrouter.policies.prompts import Hop, PromptBuilder, RouterPrompt
+from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
+from kbrouter.train.steps import RouteTarget, StepSample
+from kbrouter.types import Evidence, Modality, Query, Question, Retrieval
+
+if TYPE_CHECKING:
+    from kbrouter.eval.datasets import EvalExample
+    from kbrouter.kb.registry import KBRegistry
+
+logger = logging.getLogger(__name__)
+
+GOLD_PATH_ORIGIN = "gold-path"
+
+
+@dataclass
+class GoldPathReport:
+    """Outcome of :func:`build_gold_paths`."""
+
+    samples: list[StepSample] = field(default_factory=list)
+    total: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Why questions gave no trajectory: 'no_gold_kbs', 'image_not_matched', 'gold_not_shown',
+    'table_not_retrieved', 'bridge_not_shown', 'unknown_kb', ..."""
+    paths: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per kept question id: the (KB, sub-question) of every retrieving hop."""
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(s.kind for s in self.samples))
+
+
+@dataclass
+class _Hop:
+    kb: str
+    sub_question: str
+    answer: str
+    asked_text: str
+    """What the history records as the hop's question (image identification records
+    :data:`IDENTIFY_QUESTION` when the sub-question asked more)."""
+    sub_answer_sample: tuple[list[Evidence], str] | None = None
+    """(evidence shown, target answer) when the engine asks the model at this hop."""
+
+
+class _Drop(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def router_sub_question(text: str, anchor: str | None = None) -> str:
+    """``text`` as a sub-question the router's output grammar can produce: one line, no ``?``
+    inside, at most 200 characters, ending in ``?``; ``anchor`` is appended in parentheses
+    ("Q (entity)?", which :func:`~kbrouter.policies.continuation.asks_whole_question` reads
+    as the whole question)."""
+    base = " ".join(text.split()).rstrip("?. ").replace("?", ",")
+    tail = f" ({' '.join(anchor.split())})?" if anchor else "?"
+    room = 200 - len(tail)
+    if len(base) > room:
+        base = base[:room].rsplit(" ", 1)[0].rstrip(",;:. ")
+    return base + tail
+
+
+def _anchored(question: str, entity: str) -> str:
+    """The continuing sub-question after ``entity`` was found (as the engine anchors it)."""
+    if anchored_sub_question(question, question, entity) is None:
+        return router_sub_question(question)
+    return router_sub_question(question, entity)
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _evidence_text(ev: Evidence) -> str:
+    parts = [ev.title or "", ev.text or ""]
+    if ev.table is not None:
+        parts.append(ev.table.render(max_rows=10_000, max_cell_chars=10_000))
+    return _folded(" ".join(parts))
+
+
+def _gold_in(evidence: Sequence[Evidence], golds: Sequence[str]) -> str | None:
+    """The first gold answer that occurs in the evidence text (case-insensitive), or None."""
+    texts = [_evidence_text(ev) for ev in evidence]
+    for g in golds:
+        fg = _folded(g)
+        if fg and any(fg in t for t in texts):
+            return g.strip()
+    return None
+
+
+class GoldPathBuilder:
+    """Builds gold-path step samples over a KB registry.
+
+    Args:
+        registry: the KBs (built); gold KB names must be its KB names or aliases.
+        top_k: evidence items a sub-answer prompt shows (the engine's ``top_k``).
+        retrieve_k: items requested per search (the engine's ``retrieve_k``).
+        router_prompt: the router prompt variant of the samples (``compact`` for training a
+            router; the model's GGUF records it on export).
+        supports_images: whether the model to train sees image parts (text-only: a note).
+        kb_map: gold KB kind -> KB name, when the dataset's kinds are not the KB names.
+    """
+
+    def __init__(
+        self,
+        registry: KBRegistry,
+        *,
+        top_k: int = 2,
+        retrieve_k: int = 10,
+        router_prompt: RouterPrompt = "compact",
+        supports_images: bool = False,
+        kb_map: dict[str, str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.top_k = top_k
+        self.retrieve_k = retrieve_k
+        self.kb_map = dict(kb_map or {})
+        self.infos = list(registry.infos)
+        self.modality = {kb.name: kb.modality for kb in self.infos}
+        self.prompts = PromptBuilder(
+            self.infos, supports_images=supports_images, router_prompt=router_prompt
+        )
+
+    # ------------------------------------------------------------------ public
+
+    def build(
+        self,
+        examples: Sequence[EvalExample],
+        *,
+        on_example: Callable[[EvalExample, list[StepSample], str], None] | None = None,
+    ) -> GoldPathReport:
+        """Gold-path samples of every example that has gold KBs and survives the checks.
+
+        ``on_example(example, samples, reason)`` is called per example (``samples`` empty and
+        ``reason`` the drop reason when dropped; ``reason == "kept"`` otherwise)."""
+        report = GoldPathReport(total=len(examples))
+        for ex in examples:
+            try:
+                hops = self._path(ex)
+            except _Drop as d:
+                report.dropped[d.reason] += 1
+                if on_example is not None:
+                    on_example(ex, [], d.reason)
+                continue
+            samples = self._samples(ex, hops)
+            report.kept += 1
+            report.samples.extend(samples)
+            report.paths[ex.id] = [(h.kb, h.sub_question) for h in hops]
+            if on_example is not None:
+                on_example(ex, samples, "kept")
+        logger.info(
+            "gold paths: kept %d/%d questions (%s), %d step samples %s",
+            report.kept,
+            report.total,
+            dict(report.dropped),
+            len(report.samples),
+            report.counts(),
+        )
+        return report
+
+    # ------------------------------------------------------------------ the path
+
+    def _kb(self, kind: str) -> str:
+        name = self.kb_map.get(kind, kind)
+        try:
+            return self.registry.resolve(name)
+        except Exception:  # noqa: BLE001 - UnknownKBError: the question cannot be routed here
+            raise _Drop("unknown_kb") from None
+
+    def _search(self, kb: str, text: str, image_question: Question) -> Retrieval:
+        image = image_question.image if self.modality[kb] == Modality.IMAGE else None
+        query = Query(text=text, image=image)
+        evidence = self.registry.search(kb, [query], self.retrieve_k)[0]
+        return Retrieval(kb=kb, query=query, evidence=evidence)
+
+    def _shown(self, retrieval: Retrieval) -> list[Evidence]:
+        """The engine's sub-answer evidence (R1RouterPolicy with pinned_alone)."""
+        top = retrieval.evidence[: self.top_k]
+        if top and top[0].metadata.get("pinned"):
+            return [e for e in top if e.metadata.get("pinned")]
+        return top
+
+    def _answer_hop(self, kb: str, sub_q: str, ex: EvalExample) -> _Hop:
+        """A hop that must find the final answer in the KB ``kb``."""
+        retrieval = self._search(kb, sub_q, ex.question)
+        if self.modality[kb] == Modality.TABLE:
+            # the gold table among the hits: the route is right even when the KB ranks the
+            # table below the shown top-k (a retrieval miss, not a routing one)
+            gold_tables = {e for e in ex.gold_evidence or [] if e.startswith("tbl")}
+            found = {ev.doc_id for ev in retrieval.evidence}
+            if gold_tables and not gold_tables & found:
+                raise _Drop("table_not_retrieved")
+            # the SQL reader writes the query: no gold target for the model's reply here
+            return _Hop(kb, sub_q, ex.golds[0], sub_q)
+        shown = self._shown(retrieval)
+        gold = _gold_in(shown, ex.golds)
+        if gold is None:
+            raise _Drop("gold_not_shown")
+        return _Hop(kb, sub_q, gold, sub_q, sub_answer_sample=(shown, gold))
+
+    def _path(self, ex: EvalExample) -> list[_Hop]:
+        if not ex.gold_kbs:
+            raise _Drop("no_gold_kbs")
+        kbs = [self._kb(k) for k in ex.gold_kbs]
+        q = ex.question
+        first = kbs[0]
+        if self.modality[first] == Modality.IMAGE and q.image is not None:
+            return self._image_first(ex, kbs)
+        if self.modality[first] == Modality.TEXT and len(kbs) > 1:
+            return self._text_multihop(ex, first)
+        # one hop that asks the whole question (table, image by caption, text)
+        return [self._answer_hop(first, router_sub_question(q.text), ex)]
+
+    def _image_first(self, ex: EvalExample, kbs: list[str]) -> list[_Hop]:
+        q = ex.question
+        sub_q = router_sub_question(q.text)
+        retrieval = self._search(kbs[0], sub_q, q)
+        entity = identified_entity([retrieval])
+        gold_images = [e for e in ex.gold_evidence or [] if e.startswith("img")]
+        if entity is None or entity.title is None:
+            raise _Drop("image_not_matched")
+        if gold_images and entity.doc_id != gold_images[0]:
+            raise _Drop("image_not_matched")
+        title = entity.title
+        if asks_what_image_shows(q.text):
+            # answered by the identification; the whole question was asked
+            if len(kbs) == 1:
+                if _gold_in([entity], ex.golds) is None:
+                    raise _Drop("gold_not_shown")
+                return [_Hop(kbs[0], sub_q, title, sub_q)]
+            hops = [_Hop(kbs[0], sub_q, title, sub_q)]
+        else:
+            hops = [_Hop(kbs[0], sub_q, title, IDENTIFY_QUESTION)]
+        # the engine goes on from the entity: the next gold KB, or the image KB again when the
+        # answer is in the identified item's caption (one gold hop, two engine steps)
+        next_kb = kbs[1] if len(kbs) > 1 else kbs[0]
+        hops.append(self._answer_hop(next_kb, _anchored(q.text, title), ex))
+        return hops
+
+    def _text_multihop(self, ex: EvalExample, kb: str) -> list[_Hop]:
+        """First hop: the whole question; if the annotation has a bridge passage (a gold
+        passage whose title the question does not name but another gold passage mentions),
+        the second hop asks the question anchored on that title."""
+        q = ex.question
+        docs = [d for d in ex.gold_evidence or [] if d.startswith("text")]
+        sub_q = router_sub_question(q.text)
+        first = self._search(kb, sub_q, q)
+        shown = self._shown(first)
+        gold = _gold_in(shown, ex.golds)
+        titles = self._titles(docs)
+        bridge = self._bridge(q.text, docs, titles)
+        if bridge is None or gold is not None:
+            # no bridge to follow (comparison questions), or the answer is already shown
+            if gold is None:
+                raise _Drop("gold_not_shown")
+            return [_Hop(kb, sub_q, gold, sub_q, sub_answer_sample=(shown, gold))]
+        if not {ev.doc_id for ev in shown} & set(docs):
+            raise _Drop("bridge_not_shown")
+        # the first hop's answer is the bridge entity; the model's sub-answer there is not
+        # trained (the whole question was asked, and the bridge is not its answer)
+        return [_Hop(kb, sub_q, bridge, sub_q), self._answer_hop(kb, _anchored(q.text, bridge), ex)]
+
+    def _titles(self, doc_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """doc id -> (title, text) of gold passages, looked up in the KB by id."""
+        out: dict[str, tuple[str, str]] = {}
+        for name in (kb.name for kb in self.infos if kb.modality == Modality.TEXT):
+            fetched = self.registry.get(name).fetch(list(doc_ids))
+            for doc, items in zip(doc_ids, fetched, strict=True):
+                if items and doc not in out:
+                    title = items[0].title or ""
+                    out[doc] = (title, " ".join(ev.text or "" for ev in items))
+        return out
+
+    @staticmethod
+    def _bridge(
+        question: str, docs: Sequence[str], titles: dict[str, tuple[str, str]]
+    ) -> str | None:
+        fq = _folded(question)
+        for d in reversed(docs):  # the answer passage is the last hop (musique) or either one
+            title, _ = titles.get(d, ("", ""))
+            ft = _folded(title)
+            if not ft or ft in fq:
+                continue
+            others = [_folded(titles[o][1]) for o in docs if o != d and o in titles]
+            if any(ft in t for t in others):
+                return title
+        return None
+
+    # ------------------------------------------------------------------ samples
+
+    def _samples(self, ex: EvalExample, hops: list[_Hop]) -> list[StepSample]:
+        q = ex.question
+        tid = f"{GOLD_PATH_ORIGIN}:{ex.id}"
+        out: list[StepSample] = []
+        history: list[Hop] = []
+
+        add = out.append
+        for hop in hops:
+            add(
+                StepSample(
+                    step_type="ret",
+                    messages=self.prompts.route_messages(q, history),
+                    target=RouteTarget(query=hop.sub_question, retrievers=[hop.kb]),
+                    source=ex.source,
+                    trajectory_id=tid,
+                    step_index=len(out),
+                    origin=GOLD_PATH_ORIGIN,
+                )
+            )
+            if hop.sub_answer_sample is not None:
+                shown, answer = hop.sub_answer_sample
+                add(
+                    StepSample(
+                        step_type="ans",
+                        messages=self.prompts.sub_answer_messages(q, hop.sub_question, shown),
+                        target=answer,
+                        source=ex.source,
+                        trajectory_id=tid,
+                        step_index=len(out),
+                        origin=GOLD_PATH_ORIGIN,
+                    )
+                )
+            history.append(Hop(hop.asked_text, hop.answer, (hop.kb,)))
+        add(
+            StepSample(
+                step_type="ret",
+                messages=self.prompts.route_messages(q, history),
+                target=RouteTarget(),
+                source=ex.source,
+                trajectory_id=tid,
+                step_index=len(out),
+                origin=GOLD_PATH_ORIGIN,
+            )
+        )
+        return out
+
+
+def build_gold_paths(
+    examples: Sequence[EvalExample], registry: KBRegistry, **kwargs: object
+) -> GoldPathReport:
+    """:meth:`GoldPathBuilder.build` with a builder made from ``kwargs``."""
+    return GoldPathBuilder(registry, **kwargs).build(examples)  # type: ignore[arg-type]

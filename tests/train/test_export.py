@@ -1,0 +1,114 @@
+"""``kbrouter train export``: a LoRA run on a tiny model, merged, converted by llama.cpp's own
+converter, quantised, and run by the llama.cpp backend, which reads the recorded prompt variant
+and reproduces what the model was trained to write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from train_helpers import tiny_llama
+
+from kbrouter.errors import ConfigError
+from kbrouter.train.steps import RouteTarget, StepSample
+from kbrouter.types import ChatMessage, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [
+    ChatMessage(role="system", content="Route the question to a knowledge base."),
+    ChatMessage(role="user", content="Question: What was the population of Oslo in 2020?"),
+]
+TARGET = RouteTarget(query="What was the population of Oslo in 2020?", retrievers=["table"])
+
+
+@pytest.fixture(scope="module")
+def lora_run(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA SFT run (adapter not merged) that overfits one router step."""
+    from transformers import AutoTokenizer
+
+    from kbrouter.train.config import LoRAConfig, SFTConfig
+    from kbrouter.train.sft import train_sft
+
+    root = tmp_path_factory.mktemp("export")
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    base = root / "base"
+    tiny_llama(tok, seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    sample = StepSample(step_type="ret", messages=PROMPT, target=TARGET, trajectory_id="t")
+    config = SFTConfig(
+        model=str(base),
+        output_dir=root / "sft",
+        learning_rate=1e-2,
+        max_steps=120,
+        per_device_train_batch_size=2,
+        step_kinds=["ret"],
+        logging_steps=20,
+        use_cpu=True,
+        lora=LoRAConfig(
+            enabled=True,
+            r=16,
+            alpha=32,
+            dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            merge_on_save=False,
+        ),
+    )
+    result = train_sft([sample] * 2, config, use_teacher_response=False)
+    assert (result.checkpoint / "adapter" / "adapter_config.json").is_file()
+    assert not (result.checkpoint / "config.json").is_file()  # the adapter only
+    return result.checkpoint
+
+
+def test_export_round_trip_runs_in_llama_cpp(lora_run: Path, tmp_path: Path) -> None:
+    from kbrouter.models.gguf import MANIFEST_KEY, read_kbrouter_metadata
+    from kbrouter.models.llama_cpp import LlamaCppModel
+    from kbrouter.policies.parser import parse_route
+    from kbrouter.train.export import export_gguf
+
+    out = export_gguf(lora_run, tmp_path / "router.gguf", quant="q8_0", router_prompt="compact")
+    assert out.is_file()
+    assert not list(tmp_path.glob(".router-export-*"))  # no temporary files left behind
+
+    meta = read_kbrouter_metadata(out)
+    assert meta["kbrouter.router_prompt"] == "compact"
+    manifest = json.loads(meta[MANIFEST_KEY])
+    assert manifest["quant"] == "q8_0"
+    assert manifest["trainer"] == "sft"
+    assert manifest["train_steps"] == 120
+    assert Path(manifest["base_model"]).name == "base"
+
+    model = LlamaCppModel(out, n_ctx=512, n_threads=2)
+    try:
+        assert model.prompt_variant == "compact"
+        reply = asyncio.run(model.chat(PROMPT, SamplingParams(temperature=0.0, max_tokens=48)))
+    finally:
+        asyncio.run(model.aclose())
+    action = parse_route(reply.text, lambda name: name)
+    assert action.kbs == ["table"], reply.text
+    assert action.sub_question == TARGET.query, reply.text
+
+
+def test_export_errors_name_the_problem(tmp_path: Path) -> None:
+    from kbrouter.train.export import export_gguf, merged_folder
+
+    with pytest.raises(ConfigError, match="unknown quantisation"):
+        export_gguf(tmp_path, tmp_path / "x.gguf", quant="q3_xyz")
+    with pytest.raises(ConfigError, match="unknown router prompt"):
+        export_gguf(tmp_path, tmp_path / "x.gguf", router_prompt="verbose")
+    with pytest.raises(ConfigError, match="checkpoint folder not found"):
+        merged_folder(tmp_path / "missing", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="neither a model folder"):
+        merged_folder(tmp_path / "empty", tmp_path)
+    adapter = tmp_path / "lora" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="names no base model"):
+        merged_folder(tmp_path / "lora", tmp_path)
+    with pytest.raises(ConfigError, match="no convert_hf_to_gguf.py"):
+        from kbrouter.train.export import find_converter
+
+        find_converter(tmp_path)
