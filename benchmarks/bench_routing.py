@@ -118,7 +118,8 @@ def _llm(model_spec, infos, samples, runs: Path, seed: int):
         close = getattr(model, "close", None)
         if close:
             close()
-    return decisions, secs_old + secs, model.describe()
+    info = {**model.describe(), "router_prompt": model.prompt_variant or "full"}
+    return decisions, secs_old + secs, info
 
 
 def main() -> None:
@@ -263,14 +264,34 @@ def main() -> None:
         batched.append(1000 * (time.perf_counter() - t) / 64)
     result["latency_ms_single"] = statistics.median(single)
     result["latency_ms_batched"] = statistics.median(batched)
+    result["latency_encode_batch_size"] = router.featurizer.encode_batch_size
+    # the same 64-state batches with other encoder batch sizes (the default pads less)
+    by_bs = {}
+    for bs in (8, 16, 32, 64):
+        router.featurizer.encode_batch_size = bs
+        per = []
+        for rep in range(3):
+            for i in range(0, 320, 64):
+                batch = [
+                    s.model_copy(update={"question": s.question + f" r{rep}b{bs}"})
+                    for s in states[i : i + 64]
+                ]
+                t = time.perf_counter()
+                router.predict(batch)
+                per.append(1000 * (time.perf_counter() - t) / 64)
+        by_bs[bs] = statistics.median(per)
+    router.featurizer.encode_batch_size = result["latency_encode_batch_size"]
+    result["latency_ms_batched_by_encode_batch_size"] = by_bs
     print("latency", result["latency_ms_single"], result["latency_ms_batched"], flush=True)
     _write(args.out, result)
 
     for spec in specs:
         for dname, samples in data.items():
             ss = [s for s in samples if s.group in llm_ids[dname]]
+            if not ss:  # e.g. --llm-steps-limit 0
+                continue
             dec, secs, info = _llm(spec, infos, ss, args.runs / dname.replace(" ", "-"), args.seed)
-            name = f"r1-router {spec} (prompted, teacher-forced)"
+            name = f"r1-router {spec} (teacher-forced)"
             sub = args.out / dname.replace(" ", "-") / f"llm-{spec.replace(':', '_')}"
             summ = rv.write_routing_report(sub, ss, dec, labels, router=name)
             (sub / "predictions.jsonl").unlink()
@@ -314,7 +335,7 @@ def _earlier_llm_rows(path: Path, specs: list[str]) -> dict:
     if not path.is_file():
         return {}
     routers = json.loads(path.read_text()).get("routers", {})
-    again = {f"r1-router {s} (prompted, teacher-forced)" for s in specs}
+    again = {f"r1-router {s} (teacher-forced)" for s in specs}
     return {n: r for n, r in routers.items() if n.startswith("r1-router ") and n not in again}
 
 
@@ -343,7 +364,7 @@ def _write(out: Path, result: dict) -> None:
     doc = {**result, "summary": flat}
     doc["latency_ms_batched"] = result.get("latency_ms_batched")
     # one route call of the embedded default (the 0.5B), whichever run measured it
-    default = routers.get(f"r1-router {DEFAULT_LLM} (prompted, teacher-forced)", {})
+    default = routers.get(f"r1-router {DEFAULT_LLM} (teacher-forced)", {})
     secs = default.get("mkqa-mini dev", {}).get("route_seconds_mean")
     doc["llm_route_ms"] = 1000 * secs if secs else None
     tmp = out / ".routing.json.tmp"

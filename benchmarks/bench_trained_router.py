@@ -67,6 +67,13 @@ def main() -> None:
     ap.add_argument("--base", default="qwen2.5-coder-0.5b")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument(
+        "--max-updates",
+        type=int,
+        default=-1,
+        help="stop SFT after this many optimizer updates (a bounded run: the trainer's seeded "
+        "shuffle decides which samples it sees); -1 = --epochs",
+    )
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--lora-r", type=int, default=16)
@@ -145,6 +152,7 @@ def main() -> None:
             output_dir=sft_dir,
             learning_rate=args.lr,
             num_train_epochs=args.epochs,
+            max_steps=args.max_updates,
             per_device_train_batch_size=args.batch,
             gradient_accumulation_steps=args.accum,
             lr_scheduler_type="cosine",
@@ -173,7 +181,7 @@ def main() -> None:
         from kbrouter.train.export import export_gguf
 
         t0 = time.perf_counter()
-        export_gguf(sft_dir / "final", gguf_path, quant=args.quant, router_prompt="compact")
+        export_gguf(sft_dir / "final", gguf_path, quant=args.quant)  # variant from the run
         print(f"export: {gguf_path} in {time.perf_counter() - t0:.0f} s")
 
     if "eval" in stages:
@@ -267,6 +275,28 @@ def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
         info = json.loads((args.runs / "gold_steps.json").read_text())
         info.pop("validation_ids", None)
         summary["training_data"] = info
+    run_info = args.runs / "sft" / "final" / "kbrouter_train.json"
+    if run_info.is_file():  # what the SFT run was: updates, samples, seconds, settings
+        info = json.loads(run_info.read_text())
+        cfg = info.get("config", {})
+        summary["sft"] = {
+            "result": info.get("result"),
+            "settings": {
+                k: cfg.get(k)
+                for k in (
+                    "model",
+                    "learning_rate",
+                    "max_steps",
+                    "num_train_epochs",
+                    "per_device_train_batch_size",
+                    "gradient_accumulation_steps",
+                    "max_length",
+                    "step_kinds",
+                    "lora",
+                    "seed",
+                )
+            },
+        }
     for ref in args.reference:  # name=FILE#METHOD: a committed row of the routing benchmark
         name, _, where = ref.partition("=")
         file, _, method = where.partition("#")

@@ -63,3 +63,38 @@ def test_summary_rates():
     assert s["retrieved_when_not_needed"] == 1.0
     assert s["no_retrieval_rate"] == pytest.approx(0.25)
     assert summarize_routing([]) == {"questions": 0}
+
+
+@pytest.mark.parametrize(("recorded", "option", "used"), [
+    ("compact", "auto", "compact"),  # a trained router: the prompt it records
+    (None, "auto", "full"),  # a prompted model: the few-shot prompt
+    ("compact", "full", "full"),  # asked for explicitly
+])  # fmt: skip
+def test_teacher_forced_route_calls_use_the_models_prompt_variant(recorded, option, used):
+    import asyncio
+
+    from kbrouter.eval.routing_eval import predict_llm_router
+    from kbrouter.policies.prompts import detect_router_prompt
+    from kbrouter.routing.data import RouteSample
+    from kbrouter.testing import ScriptedChatModel
+    from kbrouter.types import KBInfo, Modality, RouteState
+
+    class Trained(ScriptedChatModel):
+        @property
+        def prompt_variant(self):  # noqa: ANN202
+            return recorded
+
+    kbs = [
+        KBInfo(name="text", description="Passages.", modality=Modality.TEXT),
+        KBInfo(name="table", description="Tables.", modality=Modality.TABLE),
+    ]
+    model = Trained(
+        ["<think></think>\n<sub-question>Who wrote Hamlet?</sub-question>\n<ret>text</ret>"]
+    )
+    sample = RouteSample(state=RouteState(question="Who wrote Hamlet?"), label="text", group="q")
+    decisions, _ = asyncio.run(predict_llm_router(model, kbs, [sample], router_prompt=option))
+    assert decisions[0].label == "text"
+    messages = model.requests[0][0]
+    assert detect_router_prompt(messages) == used
+    # compact: system + question, no examples; full: with the few-shot turns
+    assert len(messages) == 2 if used == "compact" else len(messages) > 2

@@ -141,3 +141,15 @@ def test_mlp_classifier_and_cross_validation_option(mkqa_route_split, minilm):
     assert router.manifest["data"]["trained_on"] == len(train)
     scores = score_routing(test, predict_learned(router, test), router.labels)
     assert scores["hop1_accuracy"] >= 0.9
+
+
+def test_encoder_batch_size_does_not_change_features(mkqa_route_split, minilm):
+    from kbrouter.routing.features import RouteFeaturizer
+
+    states = [s.state for s in mkqa_route_split[1][:40]]
+    small = RouteFeaturizer(minilm, KB_NAMES, encode_batch_size=4).transform(states)
+    large = RouteFeaturizer(minilm, KB_NAMES, encode_batch_size=64).transform(states)
+    assert small.shape == large.shape
+    np.testing.assert_allclose(small, large, atol=1e-4)  # padding only; the same embeddings
+    with pytest.raises(ValueError, match="encode_batch_size"):
+        RouteFeaturizer(minilm, KB_NAMES, encode_batch_size=0)

@@ -82,13 +82,26 @@ def test_export_round_trip_runs_in_llama_cpp(lora_run: Path, tmp_path: Path) -> 
 
     model = LlamaCppModel(out, n_ctx=512, n_threads=2)
     try:
-        assert model.prompt_variant == "compact"
+        assert model.prompt_variant == "compact"  # from the file's header: no weights loaded
+        assert not model.loaded
         reply = asyncio.run(model.chat(PROMPT, SamplingParams(temperature=0.0, max_tokens=48)))
     finally:
         asyncio.run(model.aclose())
     action = parse_route(reply.text, lambda name: name)
     assert action.kbs == ["table"], reply.text
     assert action.sub_question == TARGET.query, reply.text
+
+
+def test_export_takes_the_variant_the_run_recorded(lora_run: Path, tmp_path: Path) -> None:
+    from kbrouter.train.export import export_gguf
+
+    info = json.loads((lora_run / "kbrouter_train.json").read_text())
+    # the run's router sample has no kbrouter router prompt: nothing to take, so a clear error
+    assert info["router_prompt"] is None
+    assert info["router_prompt_counts"] == {"None": 2}
+    with pytest.raises(ConfigError, match="records no single router prompt variant"):
+        export_gguf(lora_run, tmp_path / "router.gguf", quant="q8_0")
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_export_errors_name_the_problem(tmp_path: Path) -> None:

@@ -121,7 +121,64 @@ def test_drop_reasons(mkqa_registry, dev: list[EvalExample]) -> None:  # noqa: A
     report = GoldPathBuilder(mkqa_registry).build([no_gold, unknown])
     assert report.kept == 0
     assert report.dropped == {"no_gold_kbs": 1, "unknown_kb": 1}
-    # kinds mapped to other KB names
-    wtq = _source(dev, "wtq")[:3]
-    mapped = GoldPathBuilder(mkqa_registry, kb_map={"table": "Table Retriever"}).build(wtq)
+    # a dataset whose kinds are not KB names: unknown without a map, routed with one
+    wtq = [_with_gold_kbs(e, ["tabular"]) for e in _source(dev, "wtq")[:3]]
+    assert GoldPathBuilder(mkqa_registry).build(wtq).dropped == {"unknown_kb": 3}
+    mapped = GoldPathBuilder(mkqa_registry, kb_map={"tabular": "Table Retriever"}).build(wtq)
+    assert mapped.kept > 0, mapped.dropped
     assert all(path[0][0] == "table" for path in mapped.paths.values())
+
+
+def _with_gold_kbs(example: EvalExample, kbs: list[str]) -> EvalExample:
+    return example.model_copy(update={"gold_kbs": kbs})
+
+
+def test_gold_path_samples_are_what_the_engine_sends(
+    mkqa_registry,  # noqa: ANN001
+    dev: list[EvalExample],
+    builder: GoldPathBuilder,
+) -> None:
+    """Parity: run the R1-Router loop through the engine on the same KBs, the scripted model
+    replying each call with the target of the gold-path sample whose prompt it was sent. Every
+    call must be such a prompt, and every sample of the question must be asked."""
+    from kbrouter.engine.engine import Engine, EngineConfig
+    from kbrouter.policies.r1router import R1RouterPolicy
+    from kbrouter.testing import ScriptedChatModel
+    from kbrouter.train.records import message_dict, prompt_messages, render_target_response
+
+    questions = _source(dev, "hotpotqa")[:12] + _source(dev, "template-flag")[:3]
+    report = builder.build(questions)
+    checked = 0
+    for ex in questions:
+        samples = [s for s in report.samples if s.trajectory_id == f"gold-path:{ex.id}"]
+        if not samples:
+            continue
+        if ex.source == "hotpotqa" and len(report.paths[ex.id]) != 1:
+            continue  # a bridge hop's first sub-answer is not trained: no reply to script
+        by_prompt = {repr(prompt_messages(s)): s for s in samples}
+        unmatched: list[str] = []
+        asked: set[str] = set()
+
+        def reply(messages, by_prompt=by_prompt, unmatched=unmatched, asked=asked) -> str:  # noqa: ANN001
+            from kbrouter.train.steps import StepSample
+
+            key = repr([message_dict(m) for m in messages])
+            sample: StepSample | None = by_prompt.get(key)
+            if sample is None:
+                unmatched.append(messages[-1].text()[-300:])
+                return "<think></think>\n<sub-question>None</sub-question>\n<ret>None</ret>"
+            asked.add(key)
+            return render_target_response(sample)
+
+        engine = Engine(
+            ScriptedChatModel(reply),
+            mkqa_registry,
+            R1RouterPolicy(router_prompt="compact", min_retrieval_steps=1),
+            EngineConfig(max_steps=3, top_k=2, use_grammar=False),
+        )
+        traj = engine.answer_sync(ex.question)
+        assert not unmatched, (ex.id, unmatched)
+        assert asked == set(by_prompt), ex.id
+        assert traj.answer
+        checked += 1
+    assert checked >= 5

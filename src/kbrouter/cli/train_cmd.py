@@ -474,7 +474,10 @@ def export_command(
     out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write."),
     quant: str = typer.Option("q4_k_m", "--quant", help="f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0."),
     router_prompt: str = typer.Option(
-        "compact", "--router-prompt", help="Prompt variant the model was trained with."
+        "auto",
+        "--router-prompt",
+        help="Prompt variant the model was trained with: auto (the one its SFT run recorded), "
+        "compact or full.",
     ),
     base_model: str | None = typer.Option(
         None, "--base-model", help="Base model of a LoRA run (default: from its run info)."

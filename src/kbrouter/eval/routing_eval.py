@@ -35,7 +35,7 @@ import numpy as np
 
 from kbrouter.models.base import ChatModel
 from kbrouter.policies.parser import parse_route
-from kbrouter.policies.prompts import Hop, PromptBuilder
+from kbrouter.policies.prompts import ROUTER_PROMPTS, Hop, PromptBuilder
 from kbrouter.routing.data import RouteSample
 from kbrouter.routing.metrics import routing_scores
 from kbrouter.routing.router import LearnedRouter, RouterConfig, fit_router
@@ -155,13 +155,26 @@ async def predict_llm_router(
     seed: int = 0,
     on_done: Callable[[int, RouteDistribution, float], None] | None = None,
     done: dict[int, RouteDistribution] | None = None,
+    router_prompt: str = "auto",
 ) -> tuple[list[RouteDistribution], list[float]]:
     """Teacher-forced route calls of the prompted router, one per state, in sample order.
 
     ``done`` holds decisions already made (resume); ``on_done(index, decision, seconds)`` is
     called after each new call. Returns the decisions and the seconds of each new call.
+    ``router_prompt``: ``full``, ``compact``, or ``auto`` (the variant the model records it was
+    trained with, else ``full``), as in the R1-Router policy.
     """
-    prompts = PromptBuilder(kbs, supports_images=model.supports_images, few_shot=few_shot)
+    if router_prompt == "auto":
+        recorded = model.prompt_variant
+        router_prompt = recorded if recorded in ROUTER_PROMPTS else "full"
+    if router_prompt not in ROUTER_PROMPTS:
+        raise ValueError(f"unknown router prompt {router_prompt!r}; expected {ROUTER_PROMPTS}")
+    prompts = PromptBuilder(
+        kbs,
+        supports_images=model.supports_images,
+        few_shot=few_shot,
+        router_prompt=router_prompt,  # type: ignore[arg-type]
+    )
     labels = [*(kb.name for kb in kbs), NONE_LABEL]
     by_name = {kb_key(n): kb.name for kb in kbs for n in [kb.name, *kb.aliases]}
 

@@ -301,19 +301,24 @@ training run, LoRA merge, quantisation, kbrouter version)."""
 
 def read_kbrouter_metadata(path: str | Path) -> dict[str, str]:
     """The ``kbrouter.*`` metadata of a GGUF file (empty for a model kbrouter did not export),
-    read by llama.cpp itself with a vocabulary-only load (under a second; no weights)."""
+    read from the file's header with the ``gguf`` package (memory-mapped; no weights are
+    loaded, so asking a model which prompt it was trained with costs milliseconds).
+
+    Raises :class:`~kbrouter.errors.ModelError` for a file that is missing or not a GGUF."""
     try:
-        from llama_cpp import Llama
-    except ImportError as e:  # pragma: no cover - llama-cpp-python is the llm extra
-        raise ModelError("reading GGUF metadata needs llama-cpp-python (the llm extra)") from e
+        import gguf
+    except ImportError as e:  # pragma: no cover - gguf is in the llm extra
+        raise ModelError("reading GGUF metadata needs the gguf package (the llm extra)") from e
     try:
-        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    except Exception as e:  # noqa: BLE001 - any loader failure is a bad file
-        raise ModelError(f"llama.cpp cannot read {path}: {type(e).__name__}: {e}") from e
-    try:
-        return kbrouter_metadata(llm.metadata)
-    finally:
-        llm.close()
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ModelError(f"cannot read GGUF metadata of {path}: {type(e).__name__}: {e}") from e
+    out: dict[str, str] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("kbrouter."):
+            value = field.contents()
+            out[name] = value if isinstance(value, str) else str(value)
+    return out
 
 
 def kbrouter_metadata(metadata: dict[str, str]) -> dict[str, str]:

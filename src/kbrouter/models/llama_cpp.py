@@ -223,12 +223,19 @@ class LlamaCppModel(ChatModel):
         }
 
     @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory (the first call or :meth:`load` loads them)."""
+        return self._llm is not None
+
+    @property
     def kbrouter_metadata(self) -> dict[str, str]:
-        """The GGUF's ``kbrouter.*`` metadata (written by ``kbrouter train export``); loads the
-        model if it is not loaded yet (llama.cpp reads the metadata with the weights)."""
+        """The GGUF's ``kbrouter.*`` metadata (written by ``kbrouter train export``), read from
+        the loaded model or, before it is loaded, from the file's header (no weights)."""
         if self._metadata is None:
-            self.load()
-        return dict(self._metadata or {})
+            from kbrouter.models.gguf import read_kbrouter_metadata
+
+            self._metadata = read_kbrouter_metadata(self.model_path)
+        return dict(self._metadata)
 
     @property
     def prompt_variant(self) -> str | None:

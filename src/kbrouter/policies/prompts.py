@@ -42,6 +42,7 @@ from kbrouter.types import (
 
 __all__ = [
     "ROUTER_PROMPTS",
+    "detect_router_prompt",
     "Hop",
     "PromptBuilder",
     "load_prompt",
@@ -57,6 +58,19 @@ ROUTER_PROMPTS = ("full", "compact")
 ``few_shot`` is off) and ``compact`` (format + KB list, no examples; for trained routers)."""
 
 RouterPrompt = Literal["full", "compact"]
+
+
+def detect_router_prompt(messages: Sequence[ChatMessage]) -> RouterPrompt | None:
+    """Which router prompt variant a router step's messages were built with: ``compact`` or
+    ``full`` (by the first line of the system prompt, which the variants do not share), or
+    None when the messages carry neither (e.g. the paper's released step file)."""
+    if not messages or messages[0].role != "system" or not isinstance(messages[0].content, str):
+        return None
+    first = messages[0].content.lstrip().split("\n", 1)[0].strip()
+    for variant, name in (("compact", "router_compact_system"), ("full", "router_system")):
+        if first and first == load_prompt(name).lstrip().split("\n", 1)[0].strip():
+            return variant  # type: ignore[return-value]
+    return None
 
 
 def load_prompt(name: str) -> str:

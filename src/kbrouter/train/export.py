@@ -234,7 +234,7 @@ def export_gguf(
     out: str | Path,
     *,
     quant: str = "q4_k_m",
-    router_prompt: str | None = "compact",
+    router_prompt: str | None = "auto",
     base_model: str | None = None,
     llama_cpp_dir: str | Path | None = None,
     threads: int | None = None,
@@ -246,7 +246,9 @@ def export_gguf(
         out: the GGUF file to write.
         quant: one of :data:`QUANT_TYPES`.
         router_prompt: the router prompt variant the model was trained with (recorded as
-            ``kbrouter.router_prompt``); None records none.
+            ``kbrouter.router_prompt``): ``auto`` takes the one the training run recorded
+            (``router_prompt`` in its ``kbrouter_train.json``, written by SFT from its router
+            samples) and is an error when the run recorded none or a mix; None records none.
         base_model: the base model of a LoRA run (default: the one its run info names).
         llama_cpp_dir: a llama.cpp source folder with the converter (see :func:`find_converter`).
         threads: quantisation threads (default: all cores).
@@ -257,13 +259,24 @@ def export_gguf(
     quant = quant.lower()
     if quant not in QUANT_TYPES:
         raise ConfigError(f"unknown quantisation {quant!r}; expected one of {QUANT_TYPES}")
-    if router_prompt is not None and router_prompt not in ROUTER_PROMPTS:
-        raise ConfigError(f"unknown router prompt {router_prompt!r}; expected {ROUTER_PROMPTS}")
+    if router_prompt not in (None, "auto", *ROUTER_PROMPTS):
+        raise ConfigError(
+            f"unknown router prompt {router_prompt!r}; expected auto or one of {ROUTER_PROMPTS}"
+        )
     checkpoint = Path(checkpoint)
     out = Path(out)
+    info = _run_info(checkpoint)
+    if router_prompt == "auto":
+        router_prompt = info.get("router_prompt")
+        if router_prompt not in ROUTER_PROMPTS:
+            counts = info.get("router_prompt_counts")
+            raise ConfigError(
+                f"{checkpoint} records no single router prompt variant"
+                + (f" (its router samples: {counts})" if counts else "")
+                + f"; pass the variant the model was trained with ({', '.join(ROUTER_PROMPTS)})"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     converter = find_converter(llama_cpp_dir)
-    info = _run_info(checkpoint)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}-export-") as tmp:
         work = Path(tmp)

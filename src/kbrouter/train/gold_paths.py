@@ -31,13 +31,14 @@ settings (``identify_first``, ``pinned_alone``, ``answer_from_question_hop``).
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kbrouter.policies.continuation import anchored_sub_question
-from kbrouter.policies.prompts import Hop, PromptBuilder, RouterPrompt
+from kbrouter.policies.prompts import Hop, PromptBuilder, RouterPrompt, render_evidence
 from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
 from kbrouter.train.steps import RouteTarget, StepSample
 from kbrouter.types import Evidence, Modality, Query, Question, Retrieval
@@ -91,8 +92,9 @@ def router_sub_question(text: str, anchor: str | None = None) -> str:
     inside, at most 200 characters, ending in ``?``; ``anchor`` is appended in parentheses
     ("Q (entity)?", which :func:`~kbrouter.policies.continuation.asks_whole_question` reads
     as the whole question)."""
-    base = " ".join(text.split()).rstrip("?. ").replace("?", ",")
-    tail = f" ({' '.join(anchor.split())})?" if anchor else "?"
+    base = " ".join(text.split()).rstrip("?. ").replace("?", ",").replace("<", " ")
+    anchor = " ".join((anchor or "").replace("?", " ").replace("<", " ").split())[:80]
+    tail = f" ({anchor})?" if anchor else "?"
     room = 200 - len(tail)
     if len(base) > room:
         base = base[:room].rsplit(" ", 1)[0].rstrip(",;:. ")
@@ -110,19 +112,14 @@ def _folded(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def _evidence_text(ev: Evidence) -> str:
-    parts = [ev.title or "", ev.text or ""]
-    if ev.table is not None:
-        parts.append(ev.table.render(max_rows=10_000, max_cell_chars=10_000))
-    return _folded(" ".join(parts))
-
-
 def _gold_in(evidence: Sequence[Evidence], golds: Sequence[str]) -> str | None:
-    """The first gold answer that occurs in the evidence text (case-insensitive), or None."""
-    texts = [_evidence_text(ev) for ev in evidence]
+    """The first gold answer that the sub-answer prompt shows: a whole-word, case-insensitive
+    match in the evidence exactly as rendered into the prompt (passages cut to their shown
+    length), so no sample trains the model to answer from what it was not shown."""
+    shown = _folded(render_evidence(evidence))
     for g in golds:
         fg = _folded(g)
-        if fg and any(fg in t for t in texts):
+        if fg and re.search(rf"(?<!\w){re.escape(fg)}(?!\w)", shown):
             return g.strip()
     return None
 
@@ -246,7 +243,7 @@ class GoldPathBuilder:
         if self.modality[first] == Modality.IMAGE and q.image is not None:
             return self._image_first(ex, kbs)
         if self.modality[first] == Modality.TEXT and len(kbs) > 1:
-            return self._text_multihop(ex, first)
+            return self._text_multihop(ex, kbs)
         # one hop that asks the whole question (table, image by caption, text)
         return [self._answer_hop(first, router_sub_question(q.text), ex)]
 
@@ -261,7 +258,7 @@ class GoldPathBuilder:
         if gold_images and entity.doc_id != gold_images[0]:
             raise _Drop("image_not_matched")
         title = entity.title
-        if asks_what_image_shows(q.text):
+        if asks_what_image_shows(sub_q):  # as the engine checks the router's sub-question
             # answered by the identification; the whole question was asked
             if len(kbs) == 1:
                 if _gold_in([entity], ex.golds) is None:
@@ -276,11 +273,12 @@ class GoldPathBuilder:
         hops.append(self._answer_hop(next_kb, _anchored(q.text, title), ex))
         return hops
 
-    def _text_multihop(self, ex: EvalExample, kb: str) -> list[_Hop]:
+    def _text_multihop(self, ex: EvalExample, kbs: list[str]) -> list[_Hop]:
         """First hop: the whole question; if the annotation has a bridge passage (a gold
         passage whose title the question does not name but another gold passage mentions),
         the second hop asks the question anchored on that title."""
         q = ex.question
+        kb = kbs[0]
         docs = [d for d in ex.gold_evidence or [] if d.startswith("text")]
         sub_q = router_sub_question(q.text)
         first = self._search(kb, sub_q, q)
@@ -297,7 +295,9 @@ class GoldPathBuilder:
             raise _Drop("bridge_not_shown")
         # the first hop's answer is the bridge entity; the model's sub-answer there is not
         # trained (the whole question was asked, and the bridge is not its answer)
-        return [_Hop(kb, sub_q, bridge, sub_q), self._answer_hop(kb, _anchored(q.text, bridge), ex)]
+        # the second hop goes to the second gold KB (text again for most multi-hop questions)
+        second = self._answer_hop(kbs[1], _anchored(q.text, bridge), ex)
+        return [_Hop(kb, sub_q, bridge, sub_q), second]
 
     def _titles(self, doc_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """doc id -> (title, text) of gold passages, looked up in the KB by id."""

@@ -8,13 +8,17 @@ too small to emit the tag format on their own.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from kbrouter.errors import DataError
+from kbrouter.errors import ConfigError, DataError
+from kbrouter.files import atomic_write_text
+from kbrouter.policies.prompts import detect_router_prompt
 from kbrouter.train.config import SFTConfig
 from kbrouter.train.modeling import load_causal_lm, load_tokenizer, save_trained
 from kbrouter.train.records import select_kinds, sft_records
@@ -68,13 +72,9 @@ def train_sft(
         peft_config=config.lora.to_peft(),
         callbacks=callbacks,
     )
-    last = None
-    if resume and config.output_dir.is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(config.output_dir))
-        if last:
-            logger.info("resuming SFT from %s", last)
+    last = resume_checkpoint(config, chosen, use_teacher_response, resume=resume)
+    if last:
+        logger.info("resuming SFT from %s", last)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
@@ -88,7 +88,70 @@ def train_sft(
         seconds=seconds,
         log_history=list(trainer.state.log_history),
     )
+    variants = Counter(
+        str(detect_router_prompt(s.messages)) for s in chosen if s.kind == "ret"
+    )
     write_run_info(
-        final, config, result, {"trainer": "sft", "kinds": dict(Counter(s.kind for s in chosen))}
+        final,
+        config,
+        result,
+        {
+            "trainer": "sft",
+            "kinds": dict(Counter(s.kind for s in chosen)),
+            # the router prompt the model was trained on (read by `kbrouter train export`):
+            # one variant, else None (mixed, or no kbrouter router prompt)
+            "router_prompt": next(iter(variants)) if len(variants) == 1 else None,
+            "router_prompt_counts": dict(variants),
+        },
     )
     return result
+
+
+RESUME_FILE = "kbrouter_resume.json"
+"""Written into an SFT run's output folder: the fingerprint a resumed run must match."""
+
+
+def resume_checkpoint(
+    config: SFTConfig,
+    samples: Sequence[StepSample],
+    use_teacher_response: bool,
+    *,
+    resume: bool = True,
+) -> str | None:
+    """The newest complete ``checkpoint-*`` of an interrupted run of the SAME training (same
+    settings and data) in ``config.output_dir``, or None to start from scratch.
+
+    Only runs that write checkpoints (``save_steps > 0``) resume; a checkpoint without its
+    ``trainer_state.json`` (killed while saving) is skipped. Checkpoints of another run
+    (other settings, model or data) in the folder are a :class:`~kbrouter.errors.ConfigError`
+    rather than being continued silently: pass ``resume=False`` (start over in the folder) or
+    another output folder. The run about to start records its fingerprint in the folder.
+    """
+    if not config.save_steps:
+        return None
+    settings = json.loads(config.model_dump_json())
+    settings.pop("output_dir", None)
+    digest = hashlib.sha256()
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(b"teacher" if use_teacher_response else b"target")
+    for s in samples:
+        digest.update(s.model_dump_json().encode())
+    fingerprint = digest.hexdigest()
+    folder = config.output_dir
+    marker = folder / RESUME_FILE
+    checkpoints = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    last = None
+    if resume and checkpoints:
+        recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if recorded != fingerprint:
+            raise ConfigError(
+                f"{folder} holds checkpoints of another SFT run (other settings or data); "
+                "use another output folder, or resume=False to start over in it"
+            )
+        complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+        last = str(complete[-1]) if complete else None
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint}))
+    return last
