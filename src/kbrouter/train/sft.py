@@ -88,9 +88,7 @@ def train_sft(
         seconds=seconds,
         log_history=list(trainer.state.log_history),
     )
-    variants = Counter(
-        str(detect_router_prompt(s.messages)) for s in chosen if s.kind == "ret"
-    )
+    variants = Counter(str(detect_router_prompt(s.messages)) for s in chosen if s.kind == "ret")
     write_run_info(
         final,
         config,
