@@ -131,3 +131,15 @@ def test_smollm2_gguf_answers_on_cpu():
     model = TransformersModel(assemble_gguf("smollm2-135m"))
     result = _ask(model, text="What is the capital of France? Answer in one word.", stop=["\n"])
     assert "paris" in result.text.lower()
+
+
+def test_prompt_variant_comes_from_the_training_run_info(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    run = tmp_path / "final"
+    run.mkdir()
+    assert TransformersModel(run).prompt_variant is None  # not a kbrouter training run
+    (run / "kbrouter_train.json").write_text(json.dumps({"router_prompt": "compact"}))
+    assert TransformersModel(run).prompt_variant == "compact"  # no weights loaded for it
+    (run / "kbrouter_train.json").write_text("{broken")
+    assert TransformersModel(run).prompt_variant is None

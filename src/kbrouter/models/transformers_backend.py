@@ -16,6 +16,7 @@ GBNF grammars are not enforced (``supports_grammar = False``). Hub downloads obe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -97,6 +98,19 @@ class TransformersModel(ChatModel):
         self._lock = PerLoopLock()
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def prompt_variant(self) -> str | None:
+        """The router prompt variant a kbrouter training run recorded for this checkpoint
+        (``router_prompt`` in its ``kbrouter_train.json``), or None."""
+        info = Path(self.source) / "kbrouter_train.json"
+        if not info.is_file():
+            return None
+        try:
+            variant = json.loads(info.read_text(encoding="utf-8")).get("router_prompt")
+        except (OSError, ValueError):
+            return None
+        return variant if isinstance(variant, str) else None
 
     def load(self) -> None:
         """Load tokenizer/processor and weights now (otherwise done by the first call)."""

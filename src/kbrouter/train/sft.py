@@ -18,7 +18,7 @@ from typing import Any
 
 from kbrouter.errors import ConfigError, DataError
 from kbrouter.files import atomic_write_text
-from kbrouter.policies.prompts import detect_router_prompt
+from kbrouter.policies.prompts import ROUTER_PROMPTS, detect_router_prompt
 from kbrouter.train.config import SFTConfig
 from kbrouter.train.modeling import load_causal_lm, load_tokenizer, save_trained
 from kbrouter.train.records import select_kinds, sft_records
@@ -98,11 +98,15 @@ def train_sft(
             "kinds": dict(Counter(s.kind for s in chosen)),
             # the router prompt the model was trained on (read by `kbrouter train export`):
             # one variant, else None (mixed, or no kbrouter router prompt)
-            "router_prompt": next(iter(variants)) if len(variants) == 1 else None,
+            "router_prompt": single if (single := _only(variants)) in ROUTER_PROMPTS else None,
             "router_prompt_counts": dict(variants),
         },
     )
     return result
+
+
+def _only(counts: Counter[str]) -> str | None:
+    return next(iter(counts)) if len(counts) == 1 else None
 
 
 RESUME_FILE = "kbrouter_resume.json"
