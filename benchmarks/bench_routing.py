@@ -226,10 +226,13 @@ def main() -> None:
             from peer_semantic_router import semantic_router_decisions
 
             dec, facts = semantic_router_decisions(samples, kb_names, args.folds, enc)
-            rows["semantic-router (real package, 5-fold CV)"] = (dec, samples, None)
+            rows[PEER] = (dec, samples, None)
             result.setdefault("semantic_router_facts", {})[dname] = facts
         except Exception as e:  # the peer is optional: say why it did not run
             result["semantic_router"] = f"did not run: {type(e).__name__}: {e}"
+            earlier = _earlier_row(args.out / "routing.json", PEER, dname)
+            if earlier is not None:  # keep its last measurement, marked as such
+                result["routers"].setdefault(PEER, {})[dname] = earlier
         for name, (dec, ss, _sec) in rows.items():
             sub = args.out / dname.replace(" ", "-") / name.split(" ")[0]
             summ = rv.write_routing_report(sub, ss, dec, labels, router=name)
@@ -327,6 +330,21 @@ def main() -> None:
 
 
 _LEARNED_CACHE: dict = {}
+PEER = "semantic-router (real package, 5-fold CV)"
+
+
+def _earlier_row(path: Path, router: str, dname: str) -> dict | None:
+    """``router``'s row for ``dname`` in an earlier ``routing.json``, noted as earlier."""
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    row = doc.get("routers", {}).get(router, {}).get(dname)
+    if row is None:
+        return None
+    note = row.get("note") or f"measured in an earlier run (started {doc.get('started_at')})"
+    return {**row, "note": note}
+
+
 DEFAULT_LLM = "llama-cpp"
 
 
