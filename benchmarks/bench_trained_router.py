@@ -36,6 +36,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from kbrouter.files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -87,6 +89,13 @@ def main() -> None:
         "'llama-cpp' the prompted default",
     )
     ap.add_argument("--latency-questions", type=int, default=20)
+    ap.add_argument(
+        "--routing-only",
+        action="append",
+        default=[],
+        help="name=DIR: a routing-only report (kbrouter eval-routing / bench_routing) of the "
+        "same validation questions, merged into the model's row by the 'routing' stage",
+    )
     ap.add_argument(
         "--reference",
         action="append",
@@ -188,6 +197,46 @@ def main() -> None:
         _evaluate(args, registry, ds, val, gguf_path)
     if "latency" in stages:
         _latency(args, registry, val, gguf_path)
+    if "routing" in stages:
+        _merge_routing_only(args)
+
+
+def _merge_routing_only(args) -> None:  # noqa: ANN001
+    """Teacher-forced routing-only figures (hop-1 KB accuracy, the share of hop-1 states the
+    router answered ``none`` although the question needs retrieval, abstain recall) into the
+    summary rows, from ``--routing-only name=DIR`` reports."""
+    summary_path = args.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"models": {}}
+    for pair in args.routing_only:
+        name, _, folder = pair.partition("=")
+        folder = Path(folder)
+        rep = json.loads((folder / "summary.json").read_text())
+        missed = [
+            json.loads(line)
+            for line in (folder / "misrouted.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        hop1_none = sum(
+            1 for m in missed if m["step"] == 0 and m["predicted"] == "none" and m["gold"] != "none"
+        )
+        row = summary["models"].setdefault(name, {})
+        row["hop1_accuracy"] = rep["hop1_accuracy"]
+        row["routing_only"] = {
+            "what": "teacher-forced route calls along the gold path (kbrouter.eval.routing_eval)",
+            "report": str(folder.resolve().relative_to(REPO)),
+            "router": rep.get("router"),
+            "states": rep["n"],
+            "questions": rep["questions"],
+            "hop1_accuracy": rep["hop1_accuracy"],
+            "accuracy": rep["accuracy"],
+            "abstain_recall": rep["abstain_recall"],
+            "ece": rep["ece"],
+            "hop1_no_retrieval_rate": hop1_none / rep["hop1_n"] if rep.get("hop1_n") else None,
+            "route_seconds_mean": rep.get("route_seconds_mean"),
+        }
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    if "benchmark" in summary:
+        _write_md(args.out / "summary.md", summary)
 
 
 def _latency(args, registry, val, gguf_path: Path) -> None:  # noqa: ANN001
@@ -246,7 +295,7 @@ def _latency(args, registry, val, gguf_path: Path) -> None:  # noqa: ANN001
         "commit": _commit(),
         **out,
     }
-    summary_path.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
     if "benchmark" in summary:
         _write_md(args.out / "summary.md", summary)
 
@@ -362,7 +411,7 @@ def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
             "run": str(run_dir.relative_to(REPO) if REPO in run_dir.parents else run_dir),
             "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
         }
-        summary_path.write_text(json.dumps(summary, indent=2))
+        atomic_write_text(summary_path, json.dumps(summary, indent=2))
         _write_md(args.out / "summary.md", summary)
         print(name, summary["models"][name]["f1_recall"], flush=True)
         model_close = getattr(model, "aclose", None)
@@ -370,7 +419,7 @@ def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
             import asyncio
 
             asyncio.run(model_close())
-    summary_path.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
     _write_md(args.out / "summary.md", summary)
 
 
@@ -410,6 +459,8 @@ def _write_md(path: Path, summary: dict) -> None:
         "|---|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|",
     ]
     for name, m in summary["models"].items():
+        if "f1_recall" not in m:
+            continue
         sh = (m.get("attribution") or {}).get("shares") or {}
         lines.append(
             f"| {name} | {m['f1_recall']:.1f} ± {m['f1_recall_se']:.1f} | "
@@ -421,6 +472,25 @@ def _write_md(path: Path, summary: dict) -> None:
             + f" | {_fmt(m.get('route_seconds'), '.2f')} | "
             f"{_fmt(m.get('seconds_per_question'), '.1f')} | {str(m['commit'])[:7]} |"
         )
+    routed = {n: m["routing_only"] for n, m in summary["models"].items() if "routing_only" in m}
+    if routed:
+        lines += [
+            "",
+            "Routing-only (teacher-forced route calls along the gold path of the same questions; "
+            "no-retrieval = share of hop-1 states answered `none` although the question needs "
+            "retrieval):",
+            "",
+            "| model | states | hop-1 KB acc | no-retrieval at hop 1 | accuracy | abstain recall "
+            "| ECE | route s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in routed.items():
+            lines.append(
+                f"| {name} | {r['states']} | {r['hop1_accuracy']:.3f} | "
+                f"{_fmt(r.get('hop1_no_retrieval_rate'), '.3f')} | {r['accuracy']:.3f} | "
+                f"{_fmt(r.get('abstain_recall'), '.3f')} | {_fmt(r.get('ece'), '.3f')} | "
+                f"{_fmt(r.get('route_seconds_mean'), '.2f')} |"
+            )
     data = summary.get("training_data")
     if data:
         lines += [

@@ -64,7 +64,7 @@ def warmup_data() -> list[StepSample]:
     return out
 
 
-def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, init: float = 0.1):  # noqa: ANN001, ANN201
+def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, init: float = 0.1, context: int = 512):  # noqa: ANN001, ANN201, E501
     """A 2-layer randomly initialised Llama over the tokenizer's vocabulary (~3.3M params).
 
     ``init`` is the weight init std. At Llama's default 0.02 the attention logits start near
@@ -81,7 +81,7 @@ def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, init: float = 0.1):  
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         initializer_range=init,
         bos_token_id=tokenizer.bos_token_id,
