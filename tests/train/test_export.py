@@ -113,6 +113,8 @@ def test_export_errors_name_the_problem(tmp_path: Path) -> None:
         export_gguf(tmp_path, tmp_path / "x.gguf", router_prompt="verbose")
     with pytest.raises(ConfigError, match="checkpoint folder not found"):
         merged_folder(tmp_path / "missing", tmp_path)
+    with pytest.raises(ConfigError, match="checkpoint folder not found"):
+        export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="neither a model folder"):
         merged_folder(tmp_path / "empty", tmp_path)

@@ -37,6 +37,9 @@ def test_resume_only_the_same_run_from_a_complete_checkpoint(tmp_path: Path) -> 
         resume_checkpoint(cfg.model_copy(update={"learning_rate": 1e-3}), data, False)
     with pytest.raises(ConfigError, match="another SFT run"):
         resume_checkpoint(cfg, data, True)  # teacher responses instead of targets
+    (tmp_path / "run" / RESUME_FILE).write_text("{not json")  # a damaged marker: not this run
+    with pytest.raises(ConfigError, match="another SFT run"):
+        resume_checkpoint(cfg, data, False)
     # starting over on purpose records the new run, which then resumes
     other = _samples("Who wrote Faust?")
     assert resume_checkpoint(cfg, other, False, resume=False) is None

@@ -436,6 +436,8 @@ def gold_paths_command(
     from kbrouter.train.steps import write_steps
 
     with cli_errors():
+        if router_prompt not in ROUTER_PROMPTS:
+            raise ConfigError(f"--router-prompt must be one of {ROUTER_PROMPTS}")
         examples = load_dataset(dataset, data_dir=data_dir).examples
         held: list[str] = []
         if holdout:
@@ -443,8 +445,6 @@ def gold_paths_command(
             examples = [e for e in examples if e.id not in set(held)]
         registry = KBRegistry.from_config(kbs)
         registry.build(progress=True)
-        if router_prompt not in ROUTER_PROMPTS:
-            raise ConfigError(f"--router-prompt must be one of {ROUTER_PROMPTS}")
         builder = GoldPathBuilder(
             registry,
             top_k=top_k,

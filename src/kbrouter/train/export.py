@@ -265,6 +265,8 @@ def export_gguf(
         )
     checkpoint = Path(checkpoint)
     out = Path(out)
+    if not checkpoint.is_dir():
+        raise ConfigError(f"checkpoint folder not found: {checkpoint}")
     info = _run_info(checkpoint)
     if router_prompt == "auto":
         router_prompt = info.get("router_prompt")

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kbrouter.errors import ConfigError, DataError
@@ -109,6 +110,15 @@ def _only(counts: Counter[str]) -> str | None:
     return next(iter(counts)) if len(counts) == 1 else None
 
 
+def _recorded_fingerprint(marker: Path) -> str | None:
+    """The fingerprint in a run folder's marker; None when it is missing or unreadable."""
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 RESUME_FILE = "kbrouter_resume.json"
 """Written into an SFT run's output folder: the fingerprint a resumed run must match."""
 
@@ -147,8 +157,7 @@ def resume_checkpoint(
     )
     last = None
     if resume and checkpoints:
-        recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-        if recorded != fingerprint:
+        if _recorded_fingerprint(marker) != fingerprint:
             raise ConfigError(
                 f"{folder} holds checkpoints of another SFT run (other settings or data); "
                 "use another output folder, or resume=False to start over in it"
