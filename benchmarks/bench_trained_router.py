@@ -89,6 +89,11 @@ def main() -> None:
         "'llama-cpp' the prompted default",
     )
     ap.add_argument("--latency-questions", type=int, default=20)
+    ap.add_argument("--grpo-updates", type=int, default=32, help="Step-GRPO optimizer updates")
+    ap.add_argument("--grpo-lr", type=float, default=2e-5)
+    ap.add_argument("--grpo-generations", type=int, default=4, help="group size G")
+    ap.add_argument("--grpo-prompts", type=int, default=2, help="step prompts per update")
+    ap.add_argument("--grpo-max-completion", type=int, default=96)
     ap.add_argument(
         "--routing-only",
         action="append",
@@ -193,12 +198,105 @@ def main() -> None:
         export_gguf(sft_dir / "final", gguf_path, quant=args.quant)  # variant from the run
         print(f"export: {gguf_path} in {time.perf_counter() - t0:.0f} s")
 
+    grpo_dir = args.runs / "grpo"
+    if "grpo" in stages and not (grpo_dir / "final" / "kbrouter_train.json").is_file():
+        _step_grpo(args, registry, steps_path, sft_dir / "final", grpo_dir)
+    grpo_gguf = args.runs / "router-grpo.gguf"
+    if "export-grpo" in stages and not grpo_gguf.is_file():
+        from kbrouter.train.export import export_gguf
+
+        t0 = time.perf_counter()
+        export_gguf(grpo_dir / "final", grpo_gguf, quant=args.quant)
+        print(f"export: {grpo_gguf} in {time.perf_counter() - t0:.0f} s")
+
     if "eval" in stages:
-        _evaluate(args, registry, ds, val, gguf_path)
+        _evaluate(args, registry, ds, val)
     if "latency" in stages:
-        _latency(args, registry, val, gguf_path)
+        _latency(args, registry, val)
     if "routing" in stages:
         _merge_routing_only(args)
+
+
+def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> None:  # noqa: ANN001
+    """Step-GRPO (teacher-forced, the paper's regime) from the SFT run on the router steps of
+    the same gold-path data: its own LoRA on the merged SFT model, the paper's reward (0.5
+    routing + 0.5 sub-question similarity, format-gated), ``--grpo-updates`` updates of
+    ``--grpo-prompts`` prompts x G completions; checkpoints every 4 updates (resumable)."""
+    from kbrouter.train.config import LoRAConfig, StepGRPOConfig
+    from kbrouter.train.rewards import KBNames, RewardConfig
+    from kbrouter.train.step_grpo import train_step_grpo
+    from kbrouter.train.steps import read_steps
+
+    g = args.grpo_generations
+    config = StepGRPOConfig(
+        model=str(sft_final),
+        output_dir=out,
+        learning_rate=args.grpo_lr,
+        lr_scheduler_type="constant",
+        num_generations=g,
+        temperature=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        per_device_train_batch_size=g,
+        gradient_accumulation_steps=args.grpo_prompts,
+        max_steps=args.grpo_updates,
+        max_completion_length=args.grpo_max_completion,
+        step_kinds=["ret"],
+        rewards=RewardConfig.paper(),
+        save_steps=4,
+        logging_steps=1,
+        seed=args.seed,
+        use_cpu=True,
+        lora=LoRAConfig(
+            enabled=True,
+            r=args.lora_r,
+            alpha=2 * args.lora_r,
+            dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            merge_on_save=False,
+        ),
+        trl_overrides={"save_total_limit": 2},
+    )
+    samples = read_steps(steps_path)
+    result = train_step_grpo(samples, config, kb_names=KBNames(registry.infos), progress=True)
+    print(f"Step-GRPO: {result.steps} updates in {result.seconds:.0f} s")
+
+
+def _training_info(run_final: Path) -> dict | None:
+    """What a training run was (settings, updates, samples, seconds, reward/loss history)."""
+    path = run_final / "kbrouter_train.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    cfg = info.get("config", {})
+    keys = (
+        "model",
+        "learning_rate",
+        "max_steps",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "step_kinds",
+        "lora",
+        "seed",
+        "num_generations",
+        "temperature",
+        "max_completion_length",
+        "loss_type",
+        "rewards",
+    )
+    model = cfg.get("model")
+    if isinstance(model, str) and model.startswith(str(REPO)):
+        cfg["model"] = str(Path(model).relative_to(REPO))
+    return {
+        "trainer": info.get("trainer"),
+        "kinds": info.get("kinds"),
+        "router_prompt": info.get("router_prompt"),
+        "result": info.get("result"),
+        "settings": {k: cfg[k] for k in keys if k in cfg},
+    }
 
 
 def _merge_routing_only(args) -> None:  # noqa: ANN001
@@ -237,9 +335,9 @@ def _merge_routing_only(args) -> None:  # noqa: ANN001
     # route_seconds: one route call alone (the latency stage); the e2e mean ran two questions
     # at a time and is kept as route_seconds_e2e
     lat = summary.get("route_latency") or {}
-    for name, case in (("prompted", "prompted-few-shot"), ("sft", "sft-compact")):
-        row = summary["models"].get(name)
-        if row is not None and isinstance(lat.get(case), dict):
+    for name, row in summary["models"].items():
+        case = "prompted-few-shot" if name == "prompted" else f"{name}-compact"
+        if isinstance(lat.get(case), dict):
             if row.get("route_seconds") is not None and "route_seconds_e2e" not in row:
                 row["route_seconds_e2e"] = row["route_seconds"]
             row["route_seconds"] = lat[case]["mean_seconds_after_first"]
@@ -248,10 +346,11 @@ def _merge_routing_only(args) -> None:  # noqa: ANN001
         _write_md(args.out / "summary.md", summary)
 
 
-def _latency(args, registry, val, gguf_path: Path) -> None:  # noqa: ANN001
+def _latency(args, registry, val) -> None:  # noqa: ANN001
     """Seconds of one first-step route call (the engine's grammar, greedy, prefix cache on as
     in the engine) for: the prompted model with the few-shot prompt and with the compact
-    prompt, and the SFT model with the compact prompt it was trained on; run alone."""
+    prompt, and each exported model of ``--models`` with the compact prompt it was trained on;
+    run alone. Cases measured by earlier runs are kept."""
     import asyncio
 
     from kbrouter.models.llama_cpp import LlamaCppModel
@@ -259,11 +358,12 @@ def _latency(args, registry, val, gguf_path: Path) -> None:  # noqa: ANN001
     from kbrouter.types import SamplingParams
 
     questions = [e.question for e in val][: args.latency_questions]
-    cases = [
-        ("prompted-few-shot", None, "full"),
-        ("prompted-compact", None, "compact"),
-        ("sft-compact", gguf_path, "compact"),
-    ]
+    cases = [("prompted-few-shot", None, "full"), ("prompted-compact", None, "compact")]
+    for pair in [p.strip() for p in args.models.split(",") if p.strip()]:
+        name, _, spec = pair.partition("=")
+        if spec.startswith("gguf:"):
+            run = spec.split(":", 1)[1]
+            cases.append((f"{name}-compact", args.runs / f"router-{run}.gguf", "compact"))
     out: dict[str, dict] = {}
     for name, path, variant in cases:
         model = LlamaCppModel(path)
@@ -296,20 +396,24 @@ def _latency(args, registry, val, gguf_path: Path) -> None:  # noqa: ANN001
         print(name, out[name], flush=True)
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"models": {}}
+    # cases measured in earlier runs are kept; every case carries the commit it ran at
+    kept = {k: v for k, v in (summary.get("route_latency") or {}).items() if isinstance(v, dict)}
+    for v in kept.values():
+        v.setdefault("commit", (summary.get("route_latency") or {}).get("commit"))
     summary["route_latency"] = {
         "what": "one first-step route call per question (route grammar without the stop "
         "branch, greedy, llama.cpp prefix cache on as in the engine), questions run one after "
         "another on a quiet machine",
         "questions": len(questions),
-        "commit": _commit(),
-        **out,
+        **kept,
+        **{k: {**v, "commit": _commit()} for k, v in out.items()},
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
     if "benchmark" in summary:
         _write_md(args.out / "summary.md", summary)
 
 
-def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
+def _evaluate(args, registry, ds, val) -> None:  # noqa: ANN001
     from kbrouter.engine.engine import EngineConfig
     from kbrouter.eval.attribution import summarize_attribution
     from kbrouter.eval.harness import load_results, run_eval
@@ -329,32 +433,11 @@ def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         }
     )
+    data_info = None
     if (args.runs / "gold_steps.json").is_file():
-        info = json.loads((args.runs / "gold_steps.json").read_text())
-        info.pop("validation_ids", None)
-        summary["training_data"] = info
-    run_info = args.runs / "sft" / "final" / "kbrouter_train.json"
-    if run_info.is_file():  # what the SFT run was: updates, samples, seconds, settings
-        info = json.loads(run_info.read_text())
-        cfg = info.get("config", {})
-        summary["sft"] = {
-            "result": info.get("result"),
-            "settings": {
-                k: cfg.get(k)
-                for k in (
-                    "model",
-                    "learning_rate",
-                    "max_steps",
-                    "num_train_epochs",
-                    "per_device_train_batch_size",
-                    "gradient_accumulation_steps",
-                    "max_length",
-                    "step_kinds",
-                    "lora",
-                    "seed",
-                )
-            },
-        }
+        data_info = json.loads((args.runs / "gold_steps.json").read_text())
+        data_info.pop("validation_ids", None)
+        data_info["runs"] = str(args.runs.resolve().relative_to(REPO))
     for ref in args.reference:  # name=FILE#METHOD: a committed row of the routing benchmark
         name, _, where = ref.partition("=")
         file, _, method = where.partition("#")
@@ -368,7 +451,13 @@ def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
     engine = EngineConfig(max_steps=3, top_k=2, concurrency=2)
     for pair in [p.strip() for p in args.models.split(",") if p.strip()]:
         name, _, spec = pair.partition("=")
-        spec = f"llama-cpp:{gguf_path}" if spec == "gguf:sft" else spec
+        training = None
+        if spec.startswith("gguf:"):  # a model exported by this script: gguf:sft, gguf:grpo
+            run = spec.split(":", 1)[1]
+            training = {"data": data_info}
+            for stage in ("sft", "grpo") if run == "grpo" else (run,):
+                training[stage] = _training_info(args.runs / stage / "final")
+            spec = f"llama-cpp:{args.runs / f'router-{run}.gguf'}"
         run_dir = args.runs / f"eval-{name}"
         model = load_model(spec)
         t0 = time.perf_counter()
@@ -416,6 +505,7 @@ def _evaluate(args, registry, ds, val, gguf_path: Path) -> None:  # noqa: ANN001
             },
             "route_seconds": sum(route_s) / len(route_s) if route_s else None,
             "route_calls": len(route_s),
+            "training": training,
             "commit": _commit(),
             "run": str(run_dir.relative_to(REPO) if REPO in run_dir.parents else run_dir),
             "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
@@ -501,13 +591,26 @@ def _write_md(path: Path, summary: dict) -> None:
                 f"{_fmt(r.get('abstain_recall'), '.3f')} | {_fmt(r.get('ece'), '.3f')} | "
                 f"{_fmt(r.get('route_seconds_mean'), '.2f')} |"
             )
-    data = summary.get("training_data")
-    if data:
-        lines += [
-            "",
-            f"Training data (gold paths): {data['kept']} of {data['train_questions']} training "
-            f"questions kept ({data['dropped']}); step samples {data['samples']}.",
-        ]
+    trained = {n: m["training"] for n, m in summary["models"].items() if m.get("training")}
+    if trained:
+        lines += ["", "Training (gold-path step samples; updates, samples, seconds):", ""]
+        for name, t in trained.items():
+            data = t.get("data") or {}
+            parts = []
+            if data:
+                parts.append(
+                    f"data {data.get('runs', '')}: {data['kept']} of {data['train_questions']} "
+                    f"training questions kept ({data['dropped']}), samples {data['samples']}"
+                )
+            for stage in ("sft", "grpo"):
+                info = t.get(stage)
+                if info and info.get("result"):
+                    r = info["result"]
+                    parts.append(
+                        f"{stage}: {r['steps']} updates on {r['samples']} samples in "
+                        f"{r['seconds']:.0f} s (lr {info['settings'].get('learning_rate')})"
+                    )
+            lines.append(f"- {name}: " + "; ".join(parts))
     lat = summary.get("route_latency")
     if lat:
         lines += ["", f"Route-call latency ({lat['what']}; {lat['questions']} questions):", ""]

@@ -127,3 +127,67 @@ def test_export_errors_name_the_problem(tmp_path: Path) -> None:
         from kbrouter.train.export import find_converter
 
         find_converter(tmp_path)
+
+
+def test_step_grpo_starts_from_a_lora_run_and_the_stack_exports(
+    lora_run: Path, tmp_path: Path
+) -> None:
+    """Step-GRPO from the SFT run's LoRA ``final`` (the adapter is merged into its base first),
+    with its own LoRA and checkpoints: its run records the SFT run as its model, the export
+    merges both adapters, and llama.cpp still writes the route the SFT run learnt."""
+    from kbrouter.models.gguf import MANIFEST_KEY, read_kbrouter_metadata
+    from kbrouter.models.llama_cpp import LlamaCppModel
+    from kbrouter.policies.parser import parse_route
+    from kbrouter.train.config import LoRAConfig, StepGRPOConfig
+    from kbrouter.train.export import export_gguf
+    from kbrouter.train.rewards import KBNames, RewardConfig
+    from kbrouter.train.run import RESUME_FILE
+    from kbrouter.train.step_grpo import train_step_grpo
+
+    sample = StepSample(step_type="ret", messages=PROMPT, target=TARGET, trajectory_id="t")
+    config = StepGRPOConfig(
+        model=str(lora_run),
+        output_dir=tmp_path / "grpo",
+        learning_rate=1e-5,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        save_steps=1,
+        max_completion_length=64,
+        logging_steps=1,
+        rewards=RewardConfig(routing_weight=1.0, similarity_weight=0.0),
+        use_cpu=True,
+        # the tiny model's distribution is flat (its argmax is right): sample near-greedily
+        temperature=0.02,
+        lora=LoRAConfig(
+            enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]
+        ),
+    )
+    kbs = KBNames({"text": [], "table": []})
+    result = train_step_grpo([sample] * 2, config, kb_names=kbs)
+    assert result.steps == 2
+    assert (tmp_path / "grpo" / "base" / "config.json").is_file()  # the SFT merge, on disk
+    assert (tmp_path / "grpo" / RESUME_FILE).is_file()
+    info = json.loads((result.checkpoint / "kbrouter_train.json").read_text())
+    assert info["trainer"] == "step-grpo"
+    assert info["config"]["model"] == str(lora_run)
+    assert info["router_prompt_counts"] == {"None": 2}
+    routing = result.metric_series("rewards/routing_reward/mean")
+    assert routing and all(r == 1.0 for r in routing)  # the SFT run already routes right
+
+    # the finished run is not trained again: its checkpoints are resumed at the end
+    again = train_step_grpo([sample] * 2, config, kb_names=kbs)
+    assert again.steps == 2
+
+    out = export_gguf(
+        result.checkpoint, tmp_path / "router.gguf", quant="q8_0", router_prompt="compact"
+    )
+    manifest = json.loads(read_kbrouter_metadata(out)[MANIFEST_KEY])
+    assert manifest["trainer"] == "step-grpo"
+    model = LlamaCppModel(out, n_ctx=512, n_threads=2)
+    try:
+        reply = asyncio.run(model.chat(PROMPT, SamplingParams(temperature=0.0, max_tokens=48)))
+    finally:
+        asyncio.run(model.aclose())
+    action = parse_route(reply.text, lambda name: name)
+    assert action.kbs == ["table"], reply.text

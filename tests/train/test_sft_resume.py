@@ -10,7 +10,8 @@ import pytest
 from kbrouter.errors import ConfigError
 from kbrouter.policies.prompts import PromptBuilder, detect_router_prompt
 from kbrouter.train.config import SFTConfig
-from kbrouter.train.sft import RESUME_FILE, resume_checkpoint
+from kbrouter.train.run import RESUME_FILE
+from kbrouter.train.sft import resume_checkpoint
 from kbrouter.train.steps import RouteTarget, StepSample
 from kbrouter.types import ChatMessage, KBInfo, Modality, Question
 

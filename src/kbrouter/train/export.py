@@ -33,9 +33,9 @@ import tempfile
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
 
 from kbrouter.errors import ConfigError, ModelError
+from kbrouter.train.run import read_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -133,53 +133,12 @@ def _fetch_sources(version: str, folder: Path) -> None:
         staged.rename(folder)
 
 
-def _run_info(checkpoint: Path) -> dict[str, Any]:
-    from kbrouter.train.run import RUN_INFO
-
-    path = checkpoint / RUN_INFO
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-
-
 def merged_folder(checkpoint: str | Path, work: Path, base_model: str | None = None) -> Path:
     """An HF folder with full weights for ``checkpoint``: the checkpoint itself when it has
-    them, else its LoRA adapter merged into the base model (written into ``work``)."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ConfigError(f"checkpoint folder not found: {checkpoint}")
-    if (checkpoint / "config.json").is_file():
-        return checkpoint  # full weights (a LoRA run with merge_on_save already merged them)
-    adapter = checkpoint / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        if not (checkpoint / "adapter_config.json").is_file():
-            raise ConfigError(
-                f"{checkpoint} is neither a model folder (config.json) nor a LoRA run "
-                "(adapter/adapter_config.json)"
-            )
-        adapter = checkpoint
-    base = base_model or _run_info(checkpoint).get("config", {}).get("model")
-    if not base:
-        raise ConfigError(
-            f"{checkpoint} holds a LoRA adapter but names no base model; pass base_model"
-        )
-    from peft import PeftModel
+    them, else its LoRA adapter merged into the base model (written to ``work/merged``)."""
+    from kbrouter.train.modeling import merge_lora_run
 
-    from kbrouter.train.modeling import _strip_gguf_origin, load_causal_lm, load_tokenizer
-
-    logger.info("merging the LoRA adapter %s into %s", adapter, base)
-    model = load_causal_lm(base)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    _strip_gguf_origin(merged)
-    out = work / "merged"
-    merged.save_pretrained(out)
-    tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(str(tok_dir) if tok_dir else base)
-    tokenizer.save_pretrained(out)
-    return out
+    return merge_lora_run(checkpoint, work / "merged", base_model)
 
 
 def _convert(hf_dir: Path, out: Path, converter: Path) -> None:
@@ -267,7 +226,7 @@ def export_gguf(
     out = Path(out)
     if not checkpoint.is_dir():
         raise ConfigError(f"checkpoint folder not found: {checkpoint}")
-    info = _run_info(checkpoint)
+    info = read_run_info(Path(checkpoint))
     if router_prompt == "auto":
         router_prompt = info.get("router_prompt")
         if router_prompt not in ROUTER_PROMPTS:

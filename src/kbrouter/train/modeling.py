@@ -5,6 +5,9 @@ Model specs (``StepGRPOConfig.model`` / ``SFTConfig.model`` / ``--model``):
 - a Hugging Face hub id or a checkpoint folder (``save_pretrained`` layout);
 - a ``.gguf`` file — de-quantised to float32 by transformers (``gguf_file=...``);
 - a packaged GGUF preset name such as ``smollm2-135m`` (see :mod:`kbrouter.models.gguf`);
+- a LoRA training run's folder (``<run>/final``: ``adapter/`` plus ``kbrouter_train.json``
+  naming the base model) — the adapter is merged into its base, so a trainer can start from
+  another run (Step-GRPO from an SFT run);
 - any of the above prefixed with ``transformers:`` (the chat-backend spec form).
 
 GGUF models are converted once into an HF folder (``materialize_model``) so that trainers that
@@ -48,14 +51,42 @@ def resolve_gguf_spec(spec: str) -> Path | None:
     return None
 
 
+def lora_adapter(spec: str | Path) -> Path | None:
+    """The adapter folder of a LoRA run folder (no full weights), else None."""
+    folder = Path(_strip_prefix(str(spec))).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    for adapter in (folder / "adapter", folder):
+        if (adapter / "adapter_config.json").is_file():
+            return adapter
+    return None
+
+
+def _lora_base(checkpoint: Path, base_model: str | None) -> str:
+    from kbrouter.train.run import read_run_info
+
+    base = base_model or read_run_info(checkpoint).get("config", {}).get("model")
+    if not base:
+        raise ConfigError(
+            f"{checkpoint} holds a LoRA adapter but names no base model; pass base_model"
+        )
+    return str(base)
+
+
 def load_tokenizer(spec: str, padding_side: str = "right") -> Any:
     """The tokenizer of a model spec, with a pad token set."""
     from transformers import AutoTokenizer
 
     spec = _strip_prefix(spec)
-    gguf = resolve_gguf_spec(spec)
+    adapter = lora_adapter(spec)
+    if adapter is not None and not (adapter / "tokenizer_config.json").is_file():
+        spec = _lora_base(Path(spec), None)  # the base model's tokenizer
+        adapter = None
+    gguf = resolve_gguf_spec(spec) if adapter is None else None
     try:
-        if gguf is not None:
+        if adapter is not None:
+            tok = AutoTokenizer.from_pretrained(str(adapter))
+        elif gguf is not None:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         else:
             tok = AutoTokenizer.from_pretrained(spec)
@@ -73,6 +104,8 @@ def load_causal_lm(spec: str, dtype: str = "float32") -> Any:
     from transformers import AutoModelForCausalLM
 
     spec = _strip_prefix(spec)
+    if lora_adapter(spec) is not None:
+        return _merged_lora(Path(spec), None, dtype)
     gguf = resolve_gguf_spec(spec)
     torch_dtype = getattr(torch, dtype)
     try:
@@ -89,13 +122,71 @@ def load_causal_lm(spec: str, dtype: str = "float32") -> Any:
     return model
 
 
-def materialize_model(spec: str, folder: Path) -> str:
-    """An HF-folder spec for ``spec``: GGUF specs are converted once into ``folder``.
+def _merged_lora(checkpoint: Path, base_model: str | None, dtype: str = "float32") -> Any:
+    """A LoRA run's adapter merged into a fresh copy of its base model (in memory)."""
+    from peft import PeftModel
 
-    HF ids and folders are returned unchanged. The conversion is skipped when ``folder``
-    already holds a conversion of the same GGUF file.
+    adapter = lora_adapter(checkpoint)
+    if adapter is None:
+        raise ConfigError(f"{checkpoint} is not a LoRA run (no adapter/adapter_config.json)")
+    base = _lora_base(checkpoint, base_model)
+    logger.info("merging the LoRA adapter %s into %s", adapter, base)
+    model = load_causal_lm(base, dtype)
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - a damaged or mismatched adapter: one named error
+        raise ModelError(
+            f"cannot apply the LoRA adapter {adapter} to {base}: {type(e).__name__}: {e}"
+        ) from e
+    _strip_gguf_origin(merged)
+    return merged
+
+
+def merge_lora_run(checkpoint: str | Path, out: Path, base_model: str | None = None) -> Path:
+    """An HF folder with full weights for ``checkpoint``: the checkpoint itself when it has
+    them, else its LoRA adapter merged into the base model, written to ``out`` (kept when
+    ``out`` already holds this merge of the same adapter file)."""
+    checkpoint = Path(_strip_prefix(str(checkpoint))).expanduser()
+    if not checkpoint.is_dir():
+        raise ConfigError(f"checkpoint folder not found: {checkpoint}")
+    if (checkpoint / "config.json").is_file():
+        return checkpoint  # full weights (a LoRA run with merge_on_save already merged them)
+    adapter = lora_adapter(checkpoint)
+    if adapter is None:
+        raise ConfigError(
+            f"{checkpoint} is neither a model folder (config.json) nor a LoRA run "
+            "(adapter/adapter_config.json)"
+        )
+    weights = next(iter(sorted(adapter.glob("adapter_model.*"))), None)
+    source = {
+        "adapter": str(adapter.resolve()),
+        "size": weights.stat().st_size if weights else None,
+        "mtime": weights.stat().st_mtime if weights else None,
+        "base": _lora_base(checkpoint, base_model),
+    }
+    marker = out / "kbrouter_source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return out
+    merged = _merged_lora(checkpoint, base_model)
+    tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(str(tok_dir) if tok_dir else source["base"])
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    marker.write_text(json.dumps(source))
+    return out
+
+
+def materialize_model(spec: str, folder: Path) -> str:
+    """An HF-folder spec for ``spec``: GGUF specs are converted once into ``folder``, a LoRA
+    run's adapter is merged into its base once into ``folder``.
+
+    HF ids and full-weight folders are returned unchanged. The conversion is skipped when
+    ``folder`` already holds a conversion of the same file.
     """
     spec = _strip_prefix(spec)
+    if lora_adapter(spec) is not None:
+        return str(merge_lora_run(spec, folder))
     gguf = resolve_gguf_spec(spec)
     if gguf is None:
         return spec

@@ -88,6 +88,35 @@ def progress_callback(description: str) -> Any:
     return _RichProgress()
 
 
+def read_run_info(folder: Path) -> dict[str, Any]:
+    """The run info written next to a checkpoint ({} when there is none)."""
+    from kbrouter.errors import ConfigError
+
+    path = Path(folder) / RUN_INFO
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
+
+def router_prompt_record(samples: Any) -> dict[str, Any]:
+    """Which router prompt variant the router samples were written with, for the run info
+    (read by ``kbrouter train export``): ``router_prompt`` is the one variant, else None (a mix,
+    or no kbrouter router prompt); ``router_prompt_counts`` counts every variant seen."""
+    from collections import Counter
+
+    from kbrouter.policies.prompts import ROUTER_PROMPTS, detect_router_prompt
+
+    variants = Counter(str(detect_router_prompt(s.messages)) for s in samples if s.kind == "ret")
+    single = next(iter(variants)) if len(variants) == 1 else None
+    return {
+        "router_prompt": single if single in ROUTER_PROMPTS else None,
+        "router_prompt_counts": dict(variants),
+    }
+
+
 def write_run_info(folder: Path, config: Any, result: TrainResult, extra: dict[str, Any]) -> None:
     info = {
         "config": json.loads(config.model_dump_json()),
@@ -96,3 +125,68 @@ def write_run_info(folder: Path, config: Any, result: TrainResult, extra: dict[s
         **extra,
     }
     (folder / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
+
+
+RESUME_FILE = "kbrouter_resume.json"
+"""Written into a run's output folder: the fingerprint a resumed run must match."""
+
+
+def _recorded_fingerprint(marker: Path) -> str | None:
+    """The fingerprint in a run folder's marker; None when it is missing or unreadable."""
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def resume_checkpoint(
+    config: Any,
+    samples: Any,
+    tag: bytes = b"",
+    *,
+    resume: bool = True,
+    trainer: str = "training",
+) -> str | None:
+    """The newest complete ``checkpoint-*`` of an interrupted run of the SAME training (same
+    settings, data and ``tag``) in ``config.output_dir``, or None to start from scratch.
+
+    Only runs that write checkpoints (``save_steps > 0``) resume; a checkpoint without its
+    ``trainer_state.json`` (killed while saving) is skipped. Checkpoints of another run
+    (other settings, model or data) in the folder are a :class:`~kbrouter.errors.ConfigError`
+    rather than being continued silently: pass ``resume=False`` (start over in the folder) or
+    another output folder. The run about to start records its fingerprint in the folder.
+    """
+    import hashlib
+
+    from kbrouter.errors import ConfigError
+    from kbrouter.files import atomic_write_text
+
+    if not config.save_steps:
+        return None
+    settings = json.loads(config.model_dump_json())
+    settings.pop("output_dir", None)
+    digest = hashlib.sha256()
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(tag)
+    for s in samples:
+        digest.update(s.model_dump_json().encode())
+    fingerprint = digest.hexdigest()
+    folder = Path(config.output_dir)
+    marker = folder / RESUME_FILE
+    checkpoints = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    last = None
+    if resume and checkpoints:
+        if _recorded_fingerprint(marker) != fingerprint:
+            raise ConfigError(
+                f"{folder} holds checkpoints of another {trainer} run (other settings or data); "
+                "use another output folder, or resume=False to start over in it"
+            )
+        complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+        last = str(complete[-1]) if complete else None
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint}))
+    return last

@@ -8,22 +8,23 @@ too small to emit the tag format on their own.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from kbrouter.errors import ConfigError, DataError
-from kbrouter.files import atomic_write_text
-from kbrouter.policies.prompts import ROUTER_PROMPTS, detect_router_prompt
+from kbrouter.errors import DataError
 from kbrouter.train.config import SFTConfig
 from kbrouter.train.modeling import load_causal_lm, load_tokenizer, save_trained
 from kbrouter.train.records import select_kinds, sft_records
-from kbrouter.train.run import TrainResult, progress_callback, write_run_info
+from kbrouter.train.run import (
+    TrainResult,
+    progress_callback,
+    router_prompt_record,
+    write_run_info,
+)
+from kbrouter.train.run import resume_checkpoint as _resume
 from kbrouter.train.steps import StepSample
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,6 @@ def train_sft(
         seconds=seconds,
         log_history=list(trainer.state.log_history),
     )
-    variants = Counter(str(detect_router_prompt(s.messages)) for s in chosen if s.kind == "ret")
     write_run_info(
         final,
         config,
@@ -97,30 +97,10 @@ def train_sft(
         {
             "trainer": "sft",
             "kinds": dict(Counter(s.kind for s in chosen)),
-            # the router prompt the model was trained on (read by `kbrouter train export`):
-            # one variant, else None (mixed, or no kbrouter router prompt)
-            "router_prompt": single if (single := _only(variants)) in ROUTER_PROMPTS else None,
-            "router_prompt_counts": dict(variants),
+            **router_prompt_record(chosen),
         },
     )
     return result
-
-
-def _only(counts: Counter[str]) -> str | None:
-    return next(iter(counts)) if len(counts) == 1 else None
-
-
-def _recorded_fingerprint(marker: Path) -> str | None:
-    """The fingerprint in a run folder's marker; None when it is missing or unreadable."""
-    try:
-        value = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-RESUME_FILE = "kbrouter_resume.json"
-"""Written into an SFT run's output folder: the fingerprint a resumed run must match."""
 
 
 def resume_checkpoint(
@@ -130,39 +110,13 @@ def resume_checkpoint(
     *,
     resume: bool = True,
 ) -> str | None:
-    """The newest complete ``checkpoint-*`` of an interrupted run of the SAME training (same
-    settings and data) in ``config.output_dir``, or None to start from scratch.
-
-    Only runs that write checkpoints (``save_steps > 0``) resume; a checkpoint without its
-    ``trainer_state.json`` (killed while saving) is skipped. Checkpoints of another run
-    (other settings, model or data) in the folder are a :class:`~kbrouter.errors.ConfigError`
-    rather than being continued silently: pass ``resume=False`` (start over in the folder) or
-    another output folder. The run about to start records its fingerprint in the folder.
-    """
-    if not config.save_steps:
-        return None
-    settings = json.loads(config.model_dump_json())
-    settings.pop("output_dir", None)
-    digest = hashlib.sha256()
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    digest.update(b"teacher" if use_teacher_response else b"target")
-    for s in samples:
-        digest.update(s.model_dump_json().encode())
-    fingerprint = digest.hexdigest()
-    folder = config.output_dir
-    marker = folder / RESUME_FILE
-    checkpoints = sorted(
-        (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
+    """The newest complete checkpoint of an interrupted SFT run of the same training (see
+    :func:`kbrouter.train.run.resume_checkpoint`); the responses trained on (teacher's or
+    rendered targets) are part of what must match."""
+    return _resume(
+        config,
+        samples,
+        b"teacher" if use_teacher_response else b"target",
+        resume=resume,
+        trainer="SFT",
     )
-    last = None
-    if resume and checkpoints:
-        if _recorded_fingerprint(marker) != fingerprint:
-            raise ConfigError(
-                f"{folder} holds checkpoints of another SFT run (other settings or data); "
-                "use another output folder, or resume=False to start over in it"
-            )
-        complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
-        last = str(complete[-1]) if complete else None
-    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint}))
-    return last

@@ -33,12 +33,19 @@ from kbrouter.train.config import StepGRPOConfig
 from kbrouter.train.modeling import (
     load_causal_lm,
     load_tokenizer,
+    lora_adapter,
     materialize_model,
     save_trained,
 )
 from kbrouter.train.records import grpo_records, select_kinds
 from kbrouter.train.rewards import KBNames, StepRewarder, trl_reward_funcs
-from kbrouter.train.run import TrainResult, progress_callback, write_run_info
+from kbrouter.train.run import (
+    TrainResult,
+    progress_callback,
+    resume_checkpoint,
+    router_prompt_record,
+    write_run_info,
+)
 from kbrouter.train.steps import StepSample
 
 if TYPE_CHECKING:
@@ -75,7 +82,8 @@ def build_grpo_trainer(
     args.reward_weights = weights
     model_spec = config.model
     if model is None:
-        if config.beta > 0:
+        if config.beta > 0 or lora_adapter(config.model) is not None:
+            # a LoRA run (e.g. the SFT warm start) is merged into its base once, on disk
             # TRL rebuilds the reference model from the model's folder: it must be a real one.
             model_spec = materialize_model(config.model, Path(config.output_dir) / "base")
         model = load_causal_lm(model_spec)
@@ -103,6 +111,7 @@ def train_step_grpo(
     model: Any = None,
     tokenizer: Any = None,
     progress: bool = False,
+    resume: bool = True,
 ) -> TrainResult:
     """Run Step-GRPO on teacher-forced step samples; save ``<output_dir>/final``.
 
@@ -114,6 +123,11 @@ def train_step_grpo(
             lazily from ``config.rewards.encoder``).
         model, tokenizer: an already loaded model/tokenizer (else ``config.model`` is loaded).
         progress: show a rich progress bar.
+        resume: continue an interrupted run of the same training from its newest
+            ``checkpoint-*`` (written every ``config.save_steps`` updates).
+
+    ``config.model`` may be another run's folder, e.g. an SFT run's LoRA ``final``: its adapter
+    is merged into its base (once, under ``<output_dir>/base``) and Step-GRPO trains on that.
     """
     rewarder = rewarder or StepRewarder(config.rewards, kb_names=kb_names, encoder=encoder)
     chosen = select_kinds(samples, config.step_kinds)
@@ -129,8 +143,11 @@ def train_step_grpo(
         tokenizer=tokenizer,
         callbacks=[progress_callback("Step-GRPO")] if progress else [],
     )
+    last = resume_checkpoint(config, chosen, b"step-grpo", resume=resume, trainer="Step-GRPO")
+    if last:
+        logger.info("resuming Step-GRPO from %s", last)
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     final = save_trained(
         trainer,
@@ -149,7 +166,11 @@ def train_step_grpo(
         final,
         config,
         result,
-        {"trainer": "step-grpo", "kinds": dict(Counter(s.kind for s in chosen))},
+        {
+            "trainer": "step-grpo",
+            "kinds": dict(Counter(s.kind for s in chosen)),
+            **router_prompt_record(chosen),
+        },
     )
     return result
 
