@@ -225,7 +225,15 @@ def load(args) -> None:
                 1000 * (server.cpu_seconds() - cpu) / max(rows[-1]["requests"], 1), 2
             )
             print(rows[-1], flush=True)
-    base = asyncio.run(_engine_alone(32, 2, args.latency))
+    # the engine alone on the event loop the server runs on (uvloop when installed)
+    runner = asyncio.run
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        pass
+    base = runner(_engine_alone(32, 4, args.latency))  # 128 questions, as the server level
     at32 = next((r for r in rows if r["clients"] == 32), None)
     overhead = None
     if at32 and "p50_ms" in at32:
@@ -246,7 +254,7 @@ def load(args) -> None:
             "model": f"scripted, {args.latency * 1000:.0f} ms per call (4 calls per question)",
             "kbs": "demo KBs, BM25",
             "method": "r1-router",
-            "server": "uvicorn, 1 process, loopback",
+            "server": f"uvicorn, 1 process, loopback, {_uvicorn_impl()}",
             "min_requests_per_level": args.min_requests,
             "max_seconds_per_level": args.max_seconds,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -257,6 +265,16 @@ def load(args) -> None:
         "errors": sum(r["errors"] for r in rows),
     }
     _write("load", result, _load_md(result))
+
+
+def _uvicorn_impl() -> str:
+    """What uvicorn's ``auto`` picks here: uvloop and httptools when installed (the ``serve``
+    extra's ``uvicorn[standard]``), else asyncio and the pure-Python h11."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} + {http}"
 
 
 def _load_md(r: dict) -> str:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from kbrouter.serve.app import ServeConfig, create_app
 from kbrouter.testing import LiveServer, ScriptedChatModel, demo_registry
-from kbrouter.types import ChatMessage
+from kbrouter.types import ChatMessage, Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What is the capital of Australia?"
@@ -68,6 +68,20 @@ def test_answer_returns_the_answer_and_the_trajectory(registry):
         assert body["answer"] == "Canberra"
         steps = body["trajectory"]["steps"]
         assert steps[0]["action"]["kbs"] == ["text"] and steps[0]["retrievals"][0]["evidence"]
+        # the trajectory is spliced in pre-encoded: it must be exactly the Trajectory JSON
+        traj = Trajectory.model_validate(body["trajectory"])
+        assert body == {"answer": traj.answer, "trajectory": traj.model_dump(mode="json")}
+        chat = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "kbrouter/r1-router",
+                "messages": [{"role": "user", "content": QUESTION}],
+            },
+        ).json()
+        assert list(chat["kbrouter"]) == ["trajectory"]
+        again = Trajectory.model_validate(chat["kbrouter"]["trajectory"])
+        assert chat["kbrouter"]["trajectory"] == again.model_dump(mode="json")
+        assert chat["choices"][0]["message"]["content"] == "Canberra"
 
 
 def test_streamed_steps_arrive_as_typed_events_in_order(registry):

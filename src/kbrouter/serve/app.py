@@ -50,7 +50,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -675,8 +675,7 @@ def create_app(
         if req.stream or "text/event-stream" in request.headers.get("accept", ""):
             return stream(question, engine, ticket)
         traj = await service.answer(question, engine, ticket)
-        # already JSON-safe: a JSONResponse skips FastAPI's re-encoding walk of the trajectory
-        return JSONResponse({"answer": traj.answer, "trajectory": traj.model_dump(mode="json")})
+        return _json_with_trajectory({"answer": traj.answer}, "trajectory", traj)
 
     results = _results_index(cfg.results_dirs)
 
@@ -759,7 +758,7 @@ def create_app(
             ticket.release()
         if traj.error and traj.stop_reason == "error":
             raise _HTTPError(503, f"answering failed: {traj.error}")
-        return JSONResponse(
+        return _json_with_trajectory(
             {
                 "id": cid,
                 "object": "chat.completion",
@@ -777,11 +776,31 @@ def create_app(
                     "completion_tokens": traj.completion_tokens,
                     "total_tokens": traj.prompt_tokens + traj.completion_tokens,
                 },
-                "kbrouter": {"trajectory": traj.model_dump(mode="json")},
-            }
+            },
+            "kbrouter",
+            traj,
+            nest="trajectory",
         )
 
     return app
+
+
+def _json_with_trajectory(
+    payload: dict[str, Any], key: str, traj: Trajectory, nest: str | None = None
+) -> Response:
+    """``payload`` plus ``key: trajectory`` (or ``key: {nest: trajectory}``) as a JSON response.
+
+    The trajectory is written by pydantic-core (``model_dump_json``) and spliced into the
+    encoded payload: several times cheaper than ``model_dump`` + ``json.dumps`` of the nested
+    dicts, which was most of the server's own CPU per answered request."""
+    head = json.dumps(payload)  # a dict: its encoding ends with "}"
+    body = traj.model_dump_json()
+    if nest is not None:
+        body = f'{{"{nest}":{body}}}'
+    sep = "," if payload else ""
+    return Response(
+        content=f'{head[:-1]}{sep}"{key}":{body}}}'.encode(), media_type="application/json"
+    )
 
 
 def _last_user(messages: list[Any]) -> tuple[str, str | None]:
