@@ -147,3 +147,98 @@ def test_a_corrupt_synth_progress_file_is_resumed_without_duplicates(tmp_path: P
     progress.write_text('{"id": "a", "kept": true}\n{"id": "b", "ke')
     assert _synth_progress(progress, out) == {"a"}
     assert [json.loads(x)["trajectory_id"] for x in out.read_text().splitlines()] == ["a", "a"]
+
+
+def _repeating_reply(messages: list[ChatMessage]) -> str:
+    """A teacher that asks the same sub-question at every step, then answers right."""
+    kind = _kind(messages)
+    if kind == "route":
+        return (
+            "<think>need it</think><sub-question>Where is the Louvre?</sub-question><ret>text</ret>"
+        )
+    if kind == "sub":
+        return "<think>read</think><answer>Paris</answer>"
+    return "<think>done</think><answer>Paris</answer>"
+
+
+def test_a_repeated_step_becomes_a_stop_and_ends_the_samples() -> None:
+    import asyncio
+
+    from kbrouter.train.synth import synthesize_async
+
+    kb = StaticKB(
+        "text",
+        evidence=[Evidence(kb="text", id="1", score=1.0, text="The Louvre is a museum in Paris.")],
+    )
+    model = ScriptedChatModel(_repeating_reply)
+    engine = Engine(model, StaticKBRegistry([kb]), R1RouterPolicy(), EngineConfig(max_steps=3))
+    report = asyncio.run(synthesize_async(examples()[:1], engine))
+    assert report.kept == 1 and report.deduplicated == 1
+    first, sub, stop = report.samples
+    assert first.target == RouteTarget(query="Where is the Louvre?", retrievers=["text"])
+    assert sub.target == "Paris"
+    # the second, identical step: what was known before it led to the right answer -> stop
+    assert stop.kind == "ret" and stop.target == RouteTarget() and stop.response is None
+    assert stop.origin == "teacher-dedup"
+    assert "Where is the Louvre?" in stop.messages[-1].text()  # its history has the first hop
+    assert model.calls == 3 * 2 + 1  # the trajectory itself ran its whole budget
+
+    traj = asyncio.run(engine.answer(examples()[0].question))
+    full = trajectory_to_samples(traj, ["Paris"], dedupe=False)
+    assert [s.kind for s in full] == ["ret", "sub_answer"] * 3 + ["final"]
+
+
+def _table_kb() -> StaticKB:
+    return StaticKB(
+        "table",
+        evidence=[Evidence(kb="table", id="t", score=1.0, text="Louvre | Paris")],
+        description="Tables.",
+    )
+
+
+def _text_kb() -> StaticKB:
+    return StaticKB(
+        "text",
+        evidence=[Evidence(kb="text", id="1", score=1.0, text="The Louvre is a museum in Paris.")],
+        description="Encyclopedia passages.",
+    )
+
+
+def test_gold_kb_router_narrows_the_grammar_to_the_gold_kb_of_each_hop() -> None:
+    from kbrouter.train.synth import GoldKBRouter
+
+    def reply(messages: list[ChatMessage]) -> str:  # what the narrowed grammar lets through
+        return teacher_reply(messages).replace("<ret>text</ret>", "<ret>table</ret>")
+
+    model = ScriptedChatModel(reply, supports_grammar=True)
+    policy = GoldKBRouter({"q1": ["table"]}, min_retrieval_steps=0)
+    engine = Engine(model, StaticKBRegistry([_text_kb(), _table_kb()]), policy)
+    synthesize(examples()[:1], engine, threshold=0.0)
+    route_params = [p for m, p in model.requests if _kind(m) == "route"]
+    # hop 0: only the gold KB; hop 1 is beyond the gold path: every KB again
+    assert '"table"' in route_params[0].grammar and '"text"' not in route_params[0].grammar
+    assert '"table"' in route_params[1].grammar and '"text"' in route_params[1].grammar
+    # the prompt is the usual one: both KBs are listed to the teacher
+    first_prompt = next(m for m, _ in model.requests if _kind(m) == "route")[0].text()
+    assert "- text" in first_prompt and "- table" in first_prompt
+
+
+def test_gold_kb_router_without_a_grammar_re_asks_for_the_gold_kb() -> None:
+    from kbrouter.train.synth import GoldKBRouter
+
+    def reply(messages: list[ChatMessage]) -> str:
+        if _kind(messages) == "route" and "search the table knowledge base" in messages[-1].text():
+            return "<think>ok</think><sub-question>Where is it?</sub-question><ret>table</ret>"
+        return teacher_reply(messages)
+
+    model = ScriptedChatModel(reply)
+    policy = GoldKBRouter({"q1": ["table"]}, min_retrieval_steps=0)
+    engine = Engine(model, StaticKBRegistry([_text_kb(), _table_kb()]), policy)
+    samples = synthesize(examples()[:1], engine, threshold=1.0)
+    first = samples[0]
+    assert first.target == RouteTarget(query="Where is it?", retrievers=["table"])
+    # the sample keeps the re-asked call's messages (the corrective turn is the last message)
+    assert "search the table knowledge base at this step" in first.messages[-1].text()
+    # a question without gold KBs routes freely
+    free = synthesize(examples()[1:], engine, threshold=0.0)
+    assert free[0].target.retrievers == ["text"]

@@ -325,6 +325,23 @@ def synth_command(
     paper_format: bool = typer.Option(
         False, "--paper-format", help="Also write <out>.paper.jsonl in the released format."
     ),
+    gold_kbs: bool = typer.Option(
+        True,
+        "--gold-kbs/--free-kbs",
+        help="Hold the teacher to each question's gold KBs, hop by hop, where the dataset "
+        "has them (the prompt is unchanged; the route grammar narrows the choice).",
+    ),
+    dedupe: bool = typer.Option(
+        True,
+        "--dedupe/--no-dedupe",
+        help="Cut a kept trajectory at its first repeated step (same sub-question, same KB), "
+        "which becomes a stop sample.",
+    ),
+    router_prompt: str = typer.Option(
+        "full",
+        "--router-prompt",
+        help="Router prompt variant the teacher sees (and the samples carry): full|compact.",
+    ),
 ) -> None:
     """Run a teacher through the engine and keep correct trajectories as step samples.
 
@@ -332,21 +349,41 @@ def synth_command(
     samples kept.
     """
     from kbrouter.engine.engine import Engine, EngineConfig
+    from kbrouter.errors import ConfigError
     from kbrouter.eval.datasets import load_dataset, select_examples
     from kbrouter.kb.registry import KBRegistry
     from kbrouter.models.registry import load_model
+    from kbrouter.policies.prompts import ROUTER_PROMPTS
     from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
     from kbrouter.train.steps import read_steps, write_paper_steps
-    from kbrouter.train.synth import synthesize_async
+    from kbrouter.train.synth import GoldKBRouter, synthesize_async
     from kbrouter.types import SamplingParams
 
     with cli_errors():
+        if router_prompt not in ROUTER_PROMPTS:
+            raise ConfigError(f"--router-prompt must be one of {ROUTER_PROMPTS}")
         kbs_path = kbs or DEMO_CONFIG
         if kbs is None:
             err_console.print(f"[yellow]note:[/] no --kbs given; using the demo KBs {kbs_path}")
-        examples = select_examples(
-            load_dataset(dataset, data_dir=data_dir).examples, limit, seed=seed, stratify=True
-        )
+        registry = KBRegistry.from_config(kbs_path)
+        ds = load_dataset(dataset, data_dir=data_dir).with_kb_names(registry.infos)
+        examples = select_examples(ds.examples, limit, seed=seed, stratify=True)
+        # the teacher decides, as in the paper, on the paper's reading path: every step
+        # sample is the teacher's own output (no rewritten sub-questions or shortcuts)
+        options: dict[str, Any] = {
+            "min_retrieval_steps": 0,
+            "router_prompt": router_prompt,
+            **PAPER_READING,
+        }
+        known = {kb.name for kb in registry.infos}
+        gold = {
+            ex.id: ex.gold_kbs
+            for ex in examples
+            if ex.gold_kbs and set(ex.gold_kbs) <= known  # only gold KBs this config has
+        }
+        if gold_kbs and not gold:
+            err_console.print("[yellow]note:[/] no gold KBs to hold the teacher to (free routing)")
+        policy = GoldKBRouter(gold, **options) if gold_kbs else R1RouterPolicy(**options)
         progress_path = out.with_name(out.name + ".progress.jsonl")
         done = _synth_progress(progress_path, out)
         todo = [ex for ex in examples if ex.id not in done]
@@ -357,10 +394,8 @@ def synth_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         engine = Engine(
             load_model(teacher),
-            KBRegistry.from_config(kbs_path),
-            # the teacher decides, as in the paper, on the paper's reading path: every step
-            # sample is the teacher's own output (no rewritten sub-questions or shortcuts)
-            R1RouterPolicy(min_retrieval_steps=0, **PAPER_READING),
+            registry,
+            policy,
             EngineConfig(
                 max_steps=max_steps,
                 concurrency=concurrency,
@@ -391,7 +426,12 @@ def synth_command(
             try:
                 report = asyncio.run(
                     synthesize_async(
-                        todo, engine, threshold, concurrency=concurrency, on_example=on_example
+                        todo,
+                        engine,
+                        threshold,
+                        concurrency=concurrency,
+                        on_example=on_example,
+                        dedupe=dedupe,
                     )
                 )
             finally:
@@ -401,7 +441,8 @@ def synth_command(
             write_paper_steps(samples, out.with_name(out.stem + ".paper.jsonl"))
     console.print(
         f"kept {report.kept}/{report.total} trajectories this run "
-        f"(dropped: {dict(report.dropped) or 'none'}); {len(samples)} step samples in {out}"
+        f"(dropped: {dict(report.dropped) or 'none'}; cut at a repeated step: "
+        f"{report.deduplicated}); {len(samples)} step samples in {out}"
     )
 
 

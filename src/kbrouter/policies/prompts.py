@@ -439,8 +439,12 @@ class PromptBuilder:
 
     # ---------------------------------------------------------------- grammar
 
-    def route_grammar(self, *, allow_stop: bool = True) -> str:
-        return route_grammar([kb.name for kb in self.kbs], allow_stop=allow_stop)
+    def route_grammar(
+        self, *, allow_stop: bool = True, kb_names: Sequence[str] | None = None
+    ) -> str:
+        """The router grammar over this builder's KBs (or only ``kb_names``)."""
+        names = list(kb_names) if kb_names is not None else [kb.name for kb in self.kbs]
+        return route_grammar(names, allow_stop=allow_stop)
 
 
 #: longest reasoning an answer reply may carry under :func:`answer_grammar`

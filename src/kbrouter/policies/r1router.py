@@ -391,8 +391,9 @@ class R1RouterPolicy(Policy):
         then re-asked once with that message and without the grammar's stop branch."""
         base = prompts.route_messages(question, history)
         messages = base
+        allowed = self.allowed_kbs(question, len(history))
         params = self._route_params(
-            rt, prompts, allow_stop=step.index >= self.config.min_retrieval_steps
+            rt, prompts, allow_stop=step.index >= self.config.min_retrieval_steps, kbs=allowed
         )
         failures = 0
         stopped: RouteAction | None = None  # the router's own stop, if continuation was asked
@@ -409,12 +410,16 @@ class R1RouterPolicy(Policy):
                         "nothing has been retrieved yet; ask one sub-question and name a "
                         "knowledge base instead of None"
                     )
+                if allowed is not None and not action.is_stop and set(action.kbs) - set(allowed):
+                    raise ModelOutputError(
+                        f"search the {' or '.join(allowed)} knowledge base at this step"
+                    )
                 if action.is_stop and keep_going is not None and stopped is None:
                     self._note(rt, question, step, f"multi-hop continuation: {keep_going}")
                     stopped = action
                     # re-asked with the same prompt and no stop branch (a corrective turn
                     # makes small models copy the message instead of routing)
-                    params = self._route_params(rt, prompts, allow_stop=False)
+                    params = self._route_params(rt, prompts, allow_stop=False, kbs=allowed)
                     if not params.grammar:
                         messages = prompts.corrective_messages(base, call.output, keep_going)
                     continue
@@ -473,12 +478,24 @@ class R1RouterPolicy(Policy):
             return within_margin(top, self.config.relevance_margin)
         return top
 
+    def allowed_kbs(self, question: Question, hop: int) -> list[str] | None:
+        """The KBs the router may name at retrieval ``hop`` (0-based) of ``question``; None =
+        every KB. The prompt is unchanged: the grammar (and, without one, the parse check)
+        narrows the choice. Used by training-data synthesis to keep a teacher on the gold KBs
+        (:class:`kbrouter.train.synth.GoldKBRouter`); the base policy never narrows."""
+        return None
+
     def _route_params(
-        self, rt: Runtime, prompts: PromptBuilder, *, allow_stop: bool = True
+        self,
+        rt: Runtime,
+        prompts: PromptBuilder,
+        *,
+        allow_stop: bool = True,
+        kbs: list[str] | None = None,
     ) -> SamplingParams:
         # Only explicitly set fields override the engine's sampling defaults.
         if self.config.use_grammar and getattr(rt, "supports_grammar", False):
-            grammar = prompts.route_grammar(allow_stop=allow_stop)
+            grammar = prompts.route_grammar(allow_stop=allow_stop, kb_names=kbs)
             return SamplingParams(max_tokens=self.config.route_max_tokens, grammar=grammar)
         return SamplingParams(max_tokens=self.config.route_max_tokens)
 

@@ -10,6 +10,11 @@ split into step samples that carry the exact messages the model saw
 - sub-answer step -> the teacher's sub-answer;
 - final step -> the dataset's gold answers.
 
+:class:`GoldKBRouter` keeps the teacher on the gold KBs where a question's gold KBs are known
+(hop *i* may only search gold KB *i*; the prompt is unchanged, so the samples show the same
+prompt a student sees): a teacher that would have searched the wrong KB no longer wastes the
+question. Repeated steps are de-duplicated (:func:`trajectory_to_samples`).
+
 :class:`TeacherLabeler` relabels step samples from *another* policy's rollouts by asking the
 teacher the same prompts (used by on-policy Step-GRPO).
 """
@@ -23,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kbrouter.policies.r1router import R1RouterPolicy
 from kbrouter.train.steps import RouteTarget, StepSample
 
 if TYPE_CHECKING:
@@ -30,7 +36,7 @@ if TYPE_CHECKING:
     from kbrouter.eval.datasets import EvalExample
     from kbrouter.models.base import ChatModel
     from kbrouter.train.rewards import KBNames
-    from kbrouter.types import ModelCall, Trajectory
+    from kbrouter.types import ModelCall, Question, RouteAction, Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,8 @@ class SynthReport:
     """Why trajectories were dropped: 'low_recall', 'format_fallback', 'error', ..."""
     recalls: dict[str, float] = field(default_factory=dict)
     """Final-answer F1-Recall per example id."""
+    deduplicated: int = 0
+    """Kept trajectories cut at a repeated step (see :func:`trajectory_to_samples`)."""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(s.kind for s in self.samples))
@@ -64,22 +72,56 @@ def _usable_call(calls: Sequence[ModelCall]) -> ModelCall | None:
     return None
 
 
+def _step_key(action: RouteAction) -> tuple[str, tuple[str, ...]]:
+    """What makes two router steps the same: the normalised sub-question and the KBs."""
+    from kbrouter.eval.metrics import normalize_answer
+
+    return normalize_answer(action.sub_question or ""), tuple(sorted(action.kbs))
+
+
 def trajectory_to_samples(
-    traj: Trajectory, golds: Sequence[str], *, source: str = "", trajectory_id: str | None = None
+    traj: Trajectory,
+    golds: Sequence[str],
+    *,
+    source: str = "",
+    trajectory_id: str | None = None,
+    dedupe: bool = False,
 ) -> list[StepSample]:
     """Split one trajectory into step samples (router, sub-answer and final steps).
 
     Steps without a parsed router action (fallbacks) contribute no router sample; a missing
     final call contributes no final sample. Targets are the trajectory's own decisions, the
     final target is ``golds``.
+
+    ``dedupe``: a router step that repeats an earlier step's sub-question to the same KBs
+    (retrieval is deterministic: it found nothing new) becomes a *stop* sample — what was known
+    before it already led to the right final answer — and the trajectory's samples end there
+    (the later prompts carry the repeat in their history). Small teachers repeat themselves
+    until the step budget runs out; without this, SFT teaches the student to do the same.
     """
     tid = trajectory_id or traj.question.id or traj.question.text[:80]
     out: list[StepSample] = []
     idx = 0
+    seen: set[tuple[str, tuple[str, ...]]] = set()
     for step in traj.steps:
         call = _usable_call(step.route_calls)
         if call is not None and step.action is not None:
             action = step.action
+            if dedupe and not action.is_stop and _step_key(action) in seen:
+                out.append(
+                    StepSample(
+                        step_type="ret",
+                        messages=call.messages,
+                        target=RouteTarget(query=None, retrievers=[]),
+                        source=source,
+                        trajectory_id=tid,
+                        step_index=idx,
+                        origin="teacher-dedup",
+                    )
+                )
+                return out
+            if not action.is_stop:
+                seen.add(_step_key(action))
             target = RouteTarget(
                 query=None if action.is_stop else action.sub_question,
                 retrievers=[] if action.is_stop else list(action.kbs),
@@ -154,8 +196,12 @@ async def synthesize_async(
     paper_compat: bool = False,
     concurrency: int | None = None,
     on_example: Callable[[EvalExample, Trajectory, list[StepSample]], None] | None = None,
+    dedupe: bool = True,
 ) -> SynthReport:
     """Run the teacher ``engine`` on the examples and keep trajectories with recall >= threshold.
+
+    ``dedupe``: cut kept trajectories at their first repeated step (see
+    :func:`trajectory_to_samples`).
 
     ``on_example(example, trajectory, kept_samples)`` is called as each question finishes
     (``kept_samples`` empty when the trajectory was dropped), e.g. to write incrementally.
@@ -171,17 +217,22 @@ async def synthesize_async(
         report.recalls[ex.id] = recall
         if keep:
             per_example[i] = trajectory_to_samples(
-                traj, ex.golds, source=ex.source, trajectory_id=ex.id
+                traj, ex.golds, source=ex.source, trajectory_id=ex.id, dedupe=dedupe
             )
             report.kept += 1
+            if any(s.origin == "teacher-dedup" for s in per_example[i]):
+                report.deduplicated += 1
         else:
             report.dropped[reason] += 1
         if on_example is not None:
             on_example(ex, traj, per_example[i])
 
-    await engine.answer_many(
-        [ex.question for ex in examples], concurrency=concurrency, on_result=on_result
-    )
+    # questions carry their example's id (a policy such as GoldKBRouter looks them up by it)
+    questions = [
+        ex.question if ex.question.id else ex.question.model_copy(update={"id": ex.id})
+        for ex in examples
+    ]
+    await engine.answer_many(questions, concurrency=concurrency, on_result=on_result)
     report.samples = [s for group in per_example for s in group]
     logger.info(
         "synthesis: kept %d/%d trajectories (%s), %d step samples %s",
@@ -209,6 +260,30 @@ def synthesize(
         )
     )
     return report.samples
+
+
+class GoldKBRouter(R1RouterPolicy):
+    """The R1-Router policy with its KB choice held to the gold KBs: retrieval hop *i* of a
+    question with known gold KBs may only search gold KB *i* (by the route grammar; without a
+    grammar, another KB is rejected and re-asked). Beyond the gold hops, and for questions
+    without gold KBs, the teacher chooses freely. The prompt is the policy's usual one.
+
+    Args:
+        gold_kbs: question id -> gold KB names in hop order (configured KB names).
+        **options: :class:`~kbrouter.policies.r1router.R1RouterConfig` settings.
+    """
+
+    name = "r1-router-gold-kbs"
+
+    def __init__(self, gold_kbs: dict[str, list[str]], **options: object) -> None:
+        super().__init__(**options)
+        self.gold_kbs = {k: list(v) for k, v in gold_kbs.items() if v}
+
+    def allowed_kbs(self, question: Question, hop: int) -> list[str] | None:
+        gold = self.gold_kbs.get(question.id or "")
+        if gold is None or hop >= len(gold):
+            return None
+        return [gold[hop]]
 
 
 class TeacherLabeler:

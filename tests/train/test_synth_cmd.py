@@ -1,0 +1,61 @@
+"""``kbrouter synth`` on real mkqa-mini questions and KBs with a scripted teacher: the gold KBs
+of each question, mapped to the configured KB names, narrow the teacher's route grammar hop by
+hop; ``--free-kbs`` leaves it every KB."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kbrouter.cli.main import app
+from kbrouter.testing import ScriptedChatModel
+from kbrouter.types import ChatMessage
+
+runner = CliRunner()
+
+
+def _reply(messages: list[ChatMessage]) -> str:
+    system = messages[0].text()
+    if "<ret>" in system:
+        return "<think>t</think><sub-question>What is asked?</sub-question><ret>text</ret>"
+    return "<answer>x</answer>"
+
+
+def _grammar_kbs(grammar: str) -> list[str]:
+    line = next(x for x in grammar.splitlines() if x.startswith("kb ::="))
+    return re.findall(r'"([^"]+)"', line)
+
+
+@pytest.mark.parametrize("gold", [True, False])
+def test_synth_holds_the_teacher_to_the_gold_kbs(
+    gold: bool, mkqa_registry, mkqa_config_path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from kbrouter.eval.datasets import load_dataset, select_examples
+
+    teacher = ScriptedChatModel(_reply, supports_grammar=True)
+    monkeypatch.setattr("kbrouter.models.registry.load_model", lambda spec, **kw: teacher)
+    out = tmp_path / "steps.jsonl"
+    args = [
+        "synth", "-d", "mkqa-mini", "--teacher", "scripted", "--kbs", str(mkqa_config_path),
+        "--out", str(out), "--limit", "4", "--max-steps", "1", "--concurrency", "1",
+        "--threshold", "0", "--router-prompt", "compact",
+    ]  # fmt: skip
+    result = runner.invoke(app, [*args, "--gold-kbs" if gold else "--free-kbs"])
+    assert result.exit_code == 0, result.stdout + (result.stderr or "")
+    examples = select_examples(load_dataset("mkqa-mini").examples, 4, seed=0, stratify=True)
+    first_kb = {ex.question.text: ex.gold_kbs[0] for ex in examples}
+    first_calls = {}
+    for messages, params in teacher.requests:
+        text = messages[-1].text()
+        if "<ret>" in messages[0].text() and "Question:" in text:
+            q = next(q for q in first_kb if q in text)
+            first_calls.setdefault(q, _grammar_kbs(params.grammar))
+            # the compact prompt, listing every KB whatever the grammar allows
+            assert "Knowledge bases:" in messages[0].text()
+            assert all(f"- {kb} (" in messages[0].text() for kb in ("text", "table", "image"))
+    assert set(first_calls) == set(first_kb)
+    for q, kbs in first_calls.items():
+        assert kbs == ([first_kb[q]] if gold else ["text", "table", "image"]), q
