@@ -89,7 +89,13 @@ def main() -> None:
         "'llama-cpp' the prompted default",
     )
     ap.add_argument("--latency-questions", type=int, default=20)
-    ap.add_argument("--grpo-updates", type=int, default=32, help="Step-GRPO optimizer updates")
+    ap.add_argument("--grpo-updates", type=int, default=64, help="Step-GRPO optimizer updates")
+    ap.add_argument(
+        "--grpo-seconds",
+        type=float,
+        default=1500,
+        help="Step-GRPO time budget (a bounded run: as many updates as fit, then saved)",
+    )
     ap.add_argument("--grpo-lr", type=float, default=2e-5)
     ap.add_argument("--grpo-generations", type=int, default=4, help="group size G")
     ap.add_argument("--grpo-prompts", type=int, default=2, help="step prompts per update")
@@ -221,7 +227,8 @@ def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> 
     """Step-GRPO (teacher-forced, the paper's regime) from the SFT run on the router steps of
     the same gold-path data: its own LoRA on the merged SFT model, the paper's reward (0.5
     routing + 0.5 sub-question similarity, format-gated), ``--grpo-updates`` updates of
-    ``--grpo-prompts`` prompts x G completions; checkpoints every 4 updates (resumable)."""
+    ``--grpo-prompts`` prompts x G completions, or fewer when ``--grpo-seconds`` runs out (a
+    bounded run); checkpoints every 4 updates (resumable)."""
     from kbrouter.train.config import LoRAConfig, StepGRPOConfig
     from kbrouter.train.rewards import KBNames, RewardConfig
     from kbrouter.train.step_grpo import train_step_grpo
@@ -241,6 +248,7 @@ def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> 
         per_device_train_batch_size=g,
         gradient_accumulation_steps=args.grpo_prompts,
         max_steps=args.grpo_updates,
+        max_train_seconds=args.grpo_seconds,
         max_completion_length=args.grpo_max_completion,
         step_kinds=["ret"],
         rewards=RewardConfig.paper(),

@@ -139,3 +139,23 @@ def test_lora_sft_saves_a_merged_checkpoint(
     assert (result.checkpoint / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(result.checkpoint)
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_a_time_budget_ends_the_run_early_and_still_saves(tokenizer, tmp_path: Path) -> None:
+    """``max_train_seconds`` bounds a run: it stops after the update that crossed the budget
+    (long before ``max_steps``), saves its final checkpoint and records the updates it made."""
+    cfg = SFTConfig(
+        model="tiny-random-llama",
+        output_dir=tmp_path / "bounded",
+        learning_rate=1e-3,
+        max_steps=100_000,
+        max_train_seconds=0.01,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        max_length=64,
+    )
+    result = train_sft(warmup_data()[:8], cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer)
+    assert result.steps == 1  # the first update already crossed 0.01 s
+    info = json.loads((result.checkpoint / RUN_INFO).read_text())
+    assert info["result"]["steps"] == 1 and info["config"]["max_train_seconds"] == 0.01
+    assert (result.checkpoint / "config.json").is_file()

@@ -77,6 +77,13 @@ class _TrainCommon(_Cfg):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per update.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the step samples.")
     max_steps: int = Field(-1, description="Optimizer updates; -1 = derived from epochs.")
+    max_train_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="A bounded run: stop after the update during which this many seconds of "
+        "training (in this process) have passed; the final checkpoint is saved as usual. "
+        "None = no time limit.",
+    )
     step_kinds: list[StepKind] = Field(
         default_factory=lambda: list(ALL_STEP_KINDS),
         description="Which step samples to train on: 'ret', 'sub_answer', 'final'.",

@@ -88,6 +88,35 @@ def progress_callback(description: str) -> Any:
     return _RichProgress()
 
 
+def time_budget_callback(seconds: float) -> Any:
+    """A transformers ``TrainerCallback`` ending training after the update during which
+    ``seconds`` have passed since training began in this process (``max_train_seconds``)."""
+    from transformers import TrainerCallback
+
+    class _TimeBudget(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if self.start is not None and time.perf_counter() - self.start >= seconds:
+                logger.info("time budget %.0f s reached: %d updates", seconds, state.global_step)
+                control.should_training_stop = True
+                control.should_save = True
+
+    return _TimeBudget()
+
+
+def trainer_callbacks(config: Any, description: str, progress: bool) -> list[Any]:
+    """The callbacks every trainer wrapper adds: a progress bar, a time budget."""
+    out = [progress_callback(description)] if progress else []
+    if getattr(config, "max_train_seconds", None):
+        out.append(time_budget_callback(config.max_train_seconds))
+    return out
+
+
 def read_run_info(folder: Path) -> dict[str, Any]:
     """The run info written next to a checkpoint ({} when there is none)."""
     from kbrouter.errors import ConfigError
@@ -166,6 +195,7 @@ def resume_checkpoint(
         return None
     settings = json.loads(config.model_dump_json())
     settings.pop("output_dir", None)
+    settings.pop("max_train_seconds", None)  # a time budget is not part of what is trained
     digest = hashlib.sha256()
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(tag)

@@ -20,8 +20,8 @@ from kbrouter.train.modeling import load_causal_lm, load_tokenizer, save_trained
 from kbrouter.train.records import select_kinds, sft_records
 from kbrouter.train.run import (
     TrainResult,
-    progress_callback,
     router_prompt_record,
+    trainer_callbacks,
     write_run_info,
 )
 from kbrouter.train.run import resume_checkpoint as _resume
@@ -65,7 +65,7 @@ def train_sft(
     tok = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     mdl = model if model is not None else load_causal_lm(config.model)
     dataset = Dataset.from_list(sft_records(chosen, use_teacher_response=use_teacher_response))
-    callbacks = [progress_callback("SFT")] if progress else []
+    callbacks = trainer_callbacks(config, "SFT", progress)
     trainer = SFTTrainer(
         model=mdl,
         args=config.to_trl(),

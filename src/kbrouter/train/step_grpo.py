@@ -41,9 +41,9 @@ from kbrouter.train.records import grpo_records, select_kinds
 from kbrouter.train.rewards import KBNames, StepRewarder, trl_reward_funcs
 from kbrouter.train.run import (
     TrainResult,
-    progress_callback,
     resume_checkpoint,
     router_prompt_record,
+    trainer_callbacks,
     write_run_info,
 )
 from kbrouter.train.steps import StepSample
@@ -141,7 +141,7 @@ def train_step_grpo(
         rewarder=rewarder,
         model=model,
         tokenizer=tokenizer,
-        callbacks=[progress_callback("Step-GRPO")] if progress else [],
+        callbacks=trainer_callbacks(config, "Step-GRPO", progress),
     )
     last = resume_checkpoint(config, chosen, b"step-grpo", resume=resume, trainer="Step-GRPO")
     if last:
