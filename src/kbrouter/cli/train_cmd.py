@@ -97,6 +97,9 @@ def sft_command(
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Optimizer updates (-1: epochs)."
     ),
+    max_seconds: float | None = typer.Option(
+        None, "--max-seconds", help="Time budget: stop after the update that crosses it, save."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Per-device batch size."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation."),
     kinds: str | None = typer.Option(None, "--kinds", help="Step kinds: ret,sub_answer,final."),
@@ -122,6 +125,7 @@ def sft_command(
                 "learning_rate": lr,
                 "num_train_epochs": epochs,
                 "max_steps": max_steps,
+                "max_train_seconds": max_seconds,
                 "per_device_train_batch_size": batch_size,
                 "gradient_accumulation_steps": grad_accum,
                 "step_kinds": _kinds(kinds),
@@ -161,6 +165,9 @@ def step_grpo_command(
     epochs: float | None = typer.Option(None, "--epochs", help="Epochs."),
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Optimizer updates (-1: epochs)."
+    ),
+    max_seconds: float | None = typer.Option(
+        None, "--max-seconds", help="Time budget: stop after the update that crosses it, save."
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Completions per device/step."
@@ -235,6 +242,7 @@ def step_grpo_command(
                 "learning_rate": lr,
                 "num_train_epochs": epochs,
                 "max_steps": max_steps,
+                "max_train_seconds": max_seconds,
                 "per_device_train_batch_size": batch_size,
                 "max_completion_length": max_completion_length,
                 "step_kinds": _kinds(kinds),
