@@ -175,9 +175,16 @@ def test_step_grpo_starts_from_a_lora_run_and_the_stack_exports(
     routing = result.metric_series("rewards/routing_reward/mean")
     assert routing and all(r == 1.0 for r in routing)  # the SFT run already routes right
 
-    # the finished run is not trained again: its checkpoints are resumed at the end
+    # the finished run is not trained again: its last checkpoint is resumed at the end
+    last = tmp_path / "grpo" / "checkpoint-2" / "adapter_model.safetensors"
+    before = last.stat().st_mtime_ns
     again = train_step_grpo([sample] * 2, config, kb_names=kbs)
     assert again.steps == 2
+    assert last.stat().st_mtime_ns == before
+    assert sorted(p.name for p in (tmp_path / "grpo").glob("checkpoint-*")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]
 
     out = export_gguf(
         result.checkpoint, tmp_path / "router.gguf", quant="q8_0", router_prompt="compact"
@@ -191,3 +198,28 @@ def test_step_grpo_starts_from_a_lora_run_and_the_stack_exports(
         asyncio.run(model.aclose())
     action = parse_route(reply.text, lambda name: name)
     assert action.kbs == ["table"], reply.text
+
+
+def test_lora_runs_naming_each_other_as_base_are_a_clear_error(tmp_path: Path) -> None:
+    from kbrouter.train.modeling import load_causal_lm, load_tokenizer, model_source
+
+    for name, base in (("a", "b"), ("b", "a")):
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / "adapter" / "adapter_config.json").write_text("{}")
+        info = {"config": {"model": str(tmp_path / base)}}
+        (tmp_path / name / "kbrouter_train.json").write_text(json.dumps(info))
+    for load in (load_causal_lm, load_tokenizer, model_source):
+        with pytest.raises(ConfigError, match="name each other as base models"):
+            load(str(tmp_path / "a"))
+
+
+def test_a_plain_peft_adapter_folder_names_its_base_in_its_config(tmp_path: Path) -> None:
+    from kbrouter.train.modeling import model_source
+
+    (tmp_path / "adapter").mkdir()
+    cfg = {"base_model_name_or_path": "some-org/some-model"}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert model_source(str(tmp_path))["base"] == {"id": "some-org/some-model"}
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="names no base model"):
+        model_source(str(tmp_path))

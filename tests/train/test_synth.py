@@ -10,7 +10,7 @@ import pytest
 
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.eval.datasets import EvalExample
-from kbrouter.policies.r1router import R1RouterPolicy
+from kbrouter.policies.r1router import PAPER_READING, R1RouterPolicy
 from kbrouter.testing import ScriptedChatModel, StaticKB, StaticKBRegistry
 from kbrouter.train.rewards import KBNames
 from kbrouter.train.steps import RouteTarget, read_steps, write_steps
@@ -204,6 +204,44 @@ def _text_kb() -> StaticKB:
     )
 
 
+def test_a_repeat_followed_by_a_new_step_is_left_out_not_cut() -> None:
+    """Steps A, B, A, C: the repeated A (and its sub-answer) is left out, C and the final
+    answer stay; A, A, stop is cut at the second A."""
+    import asyncio
+
+    def reply_for(order: list[str]):  # noqa: ANN202
+        def reply(messages: list[ChatMessage]) -> str:
+            kind = _kind(messages)
+            if kind == "route":
+                hop = messages[-1].text().count("Sub-question")  # hops so far in the history
+                q = order[hop] if hop < len(order) else None
+                if q is None:
+                    return "<think>t</think><sub-question>None</sub-question><ret>None</ret>"
+                return f"<think>t</think><sub-question>{q}</sub-question><ret>text</ret>"
+            return "<think>t</think><answer>Paris</answer>"
+
+        return reply
+
+    from kbrouter.train.synth import synthesize_async
+
+    for order, queries in (
+        (["Is A?", "Is B?", "Is A?", "Is C?"], ["Is A?", "Is B?", "Is C?"]),  # the budget: 4
+        (["Is A?", "Is A?"], ["Is A?", None]),
+    ):
+        model = ScriptedChatModel(reply_for(order))
+        # the paper's reading path, as synthesis uses: every step is the teacher's own
+        policy = R1RouterPolicy(**PAPER_READING)
+        engine = Engine(model, StaticKBRegistry([_text_kb()]), policy, EngineConfig(max_steps=4))
+        report = asyncio.run(synthesize_async(examples()[:1], engine, threshold=0.0))
+        routes = [s for s in report.samples if s.kind == "ret"]
+        assert [s.target.query for s in routes] == queries, order
+        assert report.deduplicated == 1
+        has_final = any(s.kind == "final" for s in report.samples)
+        assert has_final == (len(order) == 4)  # a cut trajectory has no final sample
+        subs = [s for s in report.samples if s.kind == "sub_answer"]
+        assert len(subs) == sum(q is not None for q in queries)
+
+
 def test_gold_kb_router_narrows_the_grammar_to_the_gold_kb_of_each_hop() -> None:
     from kbrouter.train.synth import GoldKBRouter
 
@@ -237,8 +275,13 @@ def test_gold_kb_router_without_a_grammar_re_asks_for_the_gold_kb() -> None:
     samples = synthesize(examples()[:1], engine, threshold=1.0)
     first = samples[0]
     assert first.target == RouteTarget(query="Where is it?", retrievers=["table"])
-    # the sample keeps the re-asked call's messages (the corrective turn is the last message)
-    assert "search the table knowledge base at this step" in first.messages[-1].text()
+    assert "<ret>table</ret>" in first.response
+    # the sample's prompt is the step's first route prompt: the corrective re-ask (a hint a
+    # student never sees) is not trained on
+    assert all("search the table" not in m.text() for m in first.messages)
+    assert first.messages[-1].text().startswith("Question:")
+    route_calls = [m for m, _ in model.requests if _kind(m) == "route"]
+    assert "search the table knowledge base at this step" in route_calls[1][-1].text()
     # a question without gold KBs routes freely
     free = synthesize(examples()[1:], engine, threshold=0.0)
     assert free[0].target.retrievers == ["text"]

@@ -159,3 +159,4 @@ def test_a_time_budget_ends_the_run_early_and_still_saves(tokenizer, tmp_path: P
     info = json.loads((result.checkpoint / RUN_INFO).read_text())
     assert info["result"]["steps"] == 1 and info["config"]["max_train_seconds"] == 0.01
     assert (result.checkpoint / "config.json").is_file()
+    assert not list((tmp_path / "bounded").glob("checkpoint-*"))  # save_steps=0: final only

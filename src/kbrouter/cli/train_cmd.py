@@ -110,6 +110,12 @@ def sft_command(
         0.0, "--val-fraction", help="Hold out this fraction of trajectories (not trained on)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed."),
+    resume: bool = typer.Option(
+        True,
+        "--resume/--no-resume",
+        help="Continue an interrupted run of the same training from its newest checkpoint "
+        "(--no-resume starts over in the folder).",
+    ),
 ) -> None:
     """Supervised fine-tuning on step targets (TRL SFTTrainer)."""
     from kbrouter.train.config import SFTConfig
@@ -135,7 +141,7 @@ def sft_command(
             },
         )
         train, _ = _load_split(data, val_fraction, cfg.seed)
-        result = train_sft(train, cfg, progress=True)
+        result = train_sft(train, cfg, progress=True, resume=resume)
     console.print(
         f"SFT: {result.steps} updates on {result.samples} step samples in {result.seconds:.0f}s; "
         f"checkpoint {result.checkpoint} (use --model transformers:{result.checkpoint})"
@@ -203,6 +209,12 @@ def step_grpo_command(
         0.0, "--val-fraction", help="Hold out this fraction of trajectories (not trained on)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed."),
+    resume: bool = typer.Option(
+        True,
+        "--resume/--no-resume",
+        help="Continue an interrupted run of the same training from its newest checkpoint "
+        "(--no-resume starts over in the folder).",
+    ),
     on_policy: bool = typer.Option(
         False, "--on-policy", help="Step prompts from live rollouts of the current policy."
     ),
@@ -265,7 +277,7 @@ def step_grpo_command(
             if data is None:
                 raise ConfigError("--data is required (or use --on-policy with --dataset)")
             train, _ = _load_split(data, val_fraction, cfg.seed)
-            result = train_step_grpo(train, cfg, rewarder=rewarder, progress=True)
+            result = train_step_grpo(train, cfg, rewarder=rewarder, progress=True, resume=resume)
     rewards = result.metric_series("reward")
     shown = f"; reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else ""
     console.print(

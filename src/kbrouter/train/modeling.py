@@ -63,9 +63,19 @@ def lora_adapter(spec: str | Path) -> Path | None:
 
 
 def _lora_base(checkpoint: Path, base_model: str | None) -> str:
+    """The base model of a LoRA run: ``base_model``, else the run info's ``config.model``,
+    else the adapter's own ``base_model_name_or_path`` (a plain PEFT adapter folder)."""
     from kbrouter.train.run import read_run_info
 
     base = base_model or read_run_info(checkpoint).get("config", {}).get("model")
+    if not base:
+        adapter = lora_adapter(checkpoint)
+        if adapter is not None:
+            try:
+                cfg = json.loads((adapter / "adapter_config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{adapter}/adapter_config.json is unreadable: {e}") from e
+            base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
     if not base:
         raise ConfigError(
             f"{checkpoint} holds a LoRA adapter but names no base model; pass base_model"
@@ -73,15 +83,26 @@ def _lora_base(checkpoint: Path, base_model: str | None) -> str:
     return str(base)
 
 
+def _no_cycle(checkpoint: Path, seen: frozenset[Path]) -> frozenset[Path]:
+    key = checkpoint.expanduser().resolve()
+    if key in seen:
+        chain = " -> ".join(str(p) for p in (*seen, key))
+        raise ConfigError(f"the LoRA runs name each other as base models: {chain}")
+    return seen | {key}
+
+
 def load_tokenizer(spec: str, padding_side: str = "right") -> Any:
-    """The tokenizer of a model spec, with a pad token set."""
+    """The tokenizer of a model spec, with a pad token set (a LoRA run without its own
+    tokenizer files uses its base model's, through any chain of runs)."""
     from transformers import AutoTokenizer
 
     spec = _strip_prefix(spec)
+    seen: frozenset[Path] = frozenset()
     adapter = lora_adapter(spec)
-    if adapter is not None and not (adapter / "tokenizer_config.json").is_file():
-        spec = _lora_base(Path(spec), None)  # the base model's tokenizer
-        adapter = None
+    while adapter is not None and not (adapter / "tokenizer_config.json").is_file():
+        seen = _no_cycle(Path(spec), seen)
+        spec = _lora_base(Path(spec).expanduser(), None)  # the base model's tokenizer
+        adapter = lora_adapter(spec)
     gguf = resolve_gguf_spec(spec) if adapter is None else None
     try:
         if adapter is not None:
@@ -99,13 +120,18 @@ def load_tokenizer(spec: str, padding_side: str = "right") -> Any:
 
 
 def load_causal_lm(spec: str, dtype: str = "float32") -> Any:
-    """A ``transformers`` causal LM from a spec (GGUF weights are de-quantised)."""
+    """A ``transformers`` causal LM from a spec (GGUF weights are de-quantised; a LoRA run is
+    merged into its base, through any chain of runs)."""
+    return _load_causal_lm(spec, dtype, frozenset())
+
+
+def _load_causal_lm(spec: str, dtype: str, seen: frozenset[Path]) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = _strip_prefix(spec)
     if lora_adapter(spec) is not None:
-        return _merged_lora(Path(spec), None, dtype)
+        return _merged_lora(Path(spec).expanduser(), None, dtype, seen)
     gguf = resolve_gguf_spec(spec)
     torch_dtype = getattr(torch, dtype)
     try:
@@ -122,16 +148,22 @@ def load_causal_lm(spec: str, dtype: str = "float32") -> Any:
     return model
 
 
-def _merged_lora(checkpoint: Path, base_model: str | None, dtype: str = "float32") -> Any:
+def _merged_lora(
+    checkpoint: Path,
+    base_model: str | None,
+    dtype: str = "float32",
+    seen: frozenset[Path] = frozenset(),
+) -> Any:
     """A LoRA run's adapter merged into a fresh copy of its base model (in memory)."""
     from peft import PeftModel
 
+    seen = _no_cycle(checkpoint, seen)
     adapter = lora_adapter(checkpoint)
     if adapter is None:
         raise ConfigError(f"{checkpoint} is not a LoRA run (no adapter/adapter_config.json)")
     base = _lora_base(checkpoint, base_model)
     logger.info("merging the LoRA adapter %s into %s", adapter, base)
-    model = load_causal_lm(base, dtype)
+    model = _load_causal_lm(base, dtype, seen)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as e:  # noqa: BLE001 - a damaged or mismatched adapter: one named error
@@ -142,10 +174,47 @@ def _merged_lora(checkpoint: Path, base_model: str | None, dtype: str = "float32
     return merged
 
 
+def model_source(spec: str, base_model: str | None = None) -> dict[str, Any]:
+    """What a model spec is made of, down the chain of LoRA runs to the base weights (file
+    sizes and modification times): equal sources mean the same weights. Used to tell a stale
+    merge, or a resumed run whose starting model changed."""
+    return _source(spec, base_model, frozenset())
+
+
+def _stat(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {"path": str(path), "missing": True}
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _source(spec: str, base_model: str | None, seen: frozenset[Path]) -> dict[str, Any]:
+    spec = _strip_prefix(spec)
+    adapter = lora_adapter(spec)
+    if adapter is not None:
+        folder = Path(spec).expanduser()
+        seen = _no_cycle(folder, seen)
+        weights = next(iter(sorted(adapter.glob("adapter_model.*"))), None)
+        base = _lora_base(folder, base_model)
+        return {"adapter": _stat(weights), "base": _source(base, None, seen)}
+    gguf = resolve_gguf_spec(spec)
+    if gguf is not None:
+        return {"gguf": _stat(gguf)}
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        return {"folder": str(folder.resolve()), "weights": [_stat(w) for w in weights]}
+    return {"id": spec}  # a hub id: its revision is the hub's business
+
+
 def merge_lora_run(checkpoint: str | Path, out: Path, base_model: str | None = None) -> Path:
     """An HF folder with full weights for ``checkpoint``: the checkpoint itself when it has
-    them, else its LoRA adapter merged into the base model, written to ``out`` (kept when
-    ``out`` already holds this merge of the same adapter file)."""
+    them, else its LoRA adapter merged into the base model (through any chain of LoRA runs),
+    written to ``out`` — kept when ``out`` already holds a merge of the same sources
+    (:func:`model_source`), else replaced whole (written beside it, then renamed)."""
+    import shutil
+    import tempfile
+
     checkpoint = Path(_strip_prefix(str(checkpoint))).expanduser()
     if not checkpoint.is_dir():
         raise ConfigError(f"checkpoint folder not found: {checkpoint}")
@@ -157,23 +226,28 @@ def merge_lora_run(checkpoint: str | Path, out: Path, base_model: str | None = N
             f"{checkpoint} is neither a model folder (config.json) nor a LoRA run "
             "(adapter/adapter_config.json)"
         )
-    weights = next(iter(sorted(adapter.glob("adapter_model.*"))), None)
-    source = {
-        "adapter": str(adapter.resolve()),
-        "size": weights.stat().st_size if weights else None,
-        "mtime": weights.stat().st_mtime if weights else None,
-        "base": _lora_base(checkpoint, base_model),
-    }
+    source = json.loads(json.dumps(model_source(str(checkpoint), base_model)))
     marker = out / "kbrouter_source.json"
-    if marker.is_file() and json.loads(marker.read_text()) == source:
-        return out
+    try:
+        if json.loads(marker.read_text()) == source:
+            return out
+    except (OSError, ValueError):
+        pass  # no merge yet, or a damaged marker: merge again
     merged = _merged_lora(checkpoint, base_model)
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(str(tok_dir) if tok_dir else source["base"])
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    marker.write_text(json.dumps(source))
+    tokenizer = load_tokenizer(str(tok_dir) if tok_dir else _lora_base(checkpoint, base_model))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        merged.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / "kbrouter_source.json").write_text(json.dumps(source))
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return out
 
 

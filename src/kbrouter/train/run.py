@@ -104,7 +104,9 @@ def time_budget_callback(seconds: float) -> Any:
             if self.start is not None and time.perf_counter() - self.start >= seconds:
                 logger.info("time budget %.0f s reached: %d updates", seconds, state.global_step)
                 control.should_training_stop = True
-                control.should_save = True
+                # keep the last update resumable when the run writes checkpoints at all
+                strategy = getattr(args.save_strategy, "value", args.save_strategy)
+                control.should_save = str(strategy) == "steps"
 
     return _TimeBudget()
 
@@ -213,7 +215,8 @@ def resume_checkpoint(
         if _recorded_fingerprint(marker) != fingerprint:
             raise ConfigError(
                 f"{folder} holds checkpoints of another {trainer} run (other settings or data); "
-                "use another output folder, or resume=False to start over in it"
+                "use another output folder, or start over in it (resume=False; the CLI's "
+                "--no-resume)"
             )
         complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
         last = str(complete[-1]) if complete else None

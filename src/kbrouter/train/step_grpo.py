@@ -21,6 +21,7 @@ Two data regimes:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from kbrouter.train.modeling import (
     load_tokenizer,
     lora_adapter,
     materialize_model,
+    model_source,
     save_trained,
 )
 from kbrouter.train.records import grpo_records, select_kinds
@@ -143,7 +145,10 @@ def train_step_grpo(
         tokenizer=tokenizer,
         callbacks=trainer_callbacks(config, "Step-GRPO", progress),
     )
-    last = resume_checkpoint(config, chosen, b"step-grpo", resume=resume, trainer="Step-GRPO")
+    # the starting model's weights are part of what must match (a retrained SFT run is another
+    # starting point, though its folder has the same name)
+    tag = b"step-grpo" + json.dumps(model_source(config.model), sort_keys=True).encode()
+    last = resume_checkpoint(config, chosen, tag, resume=resume, trainer="Step-GRPO")
     if last:
         logger.info("resuming Step-GRPO from %s", last)
     t0 = time.perf_counter()
@@ -239,7 +244,10 @@ async def train_step_grpo_on_policy(
                 "max_steps": op.steps_per_round,
             }
         )
-        last = train_step_grpo(samples, round_cfg, rewarder=rewarder, progress=progress)
+        # each round trains on fresh rollouts: a folder left by an earlier attempt is retrained
+        last = train_step_grpo(
+            samples, round_cfg, rewarder=rewarder, progress=progress, resume=False
+        )
         current = str(last.checkpoint)
         total_steps += last.steps
         total_samples += len(samples)

@@ -58,7 +58,7 @@ class SynthReport:
     recalls: dict[str, float] = field(default_factory=dict)
     """Final-answer F1-Recall per example id."""
     deduplicated: int = 0
-    """Kept trajectories cut at a repeated step (see :func:`trajectory_to_samples`)."""
+    """Kept trajectories with repeated steps left out (see :func:`trajectory_to_samples`)."""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(s.kind for s in self.samples))
@@ -79,6 +79,30 @@ def _step_key(action: RouteAction) -> tuple[str, tuple[str, ...]]:
     return normalize_answer(action.sub_question or ""), tuple(sorted(action.kbs))
 
 
+def _repeated_steps(traj: Trajectory) -> dict[int, bool]:
+    """Indices of steps repeating an earlier step (same sub-question, same KBs) -> whether the
+    trajectory is cut there (True for the first repeat when no new step follows it)."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    repeats: dict[int, bool] = {}
+    new_after: dict[int, bool] = {}
+    for i, step in enumerate(traj.steps):
+        action = step.action
+        if action is None or action.is_stop:
+            continue
+        key = _step_key(action)
+        if key in seen:
+            repeats[i] = False
+        else:
+            seen.add(key)
+            for r in repeats:
+                new_after[r] = True
+    if repeats:
+        first = min(repeats)
+        if not new_after.get(first):
+            return {first: True}  # cut at the first repeat
+    return repeats
+
+
 def trajectory_to_samples(
     traj: Trajectory,
     golds: Sequence[str],
@@ -93,35 +117,40 @@ def trajectory_to_samples(
     final call contributes no final sample. Targets are the trajectory's own decisions, the
     final target is ``golds``.
 
+    A router sample's prompt is the step's first route prompt (a format retry's or gold-KB
+    re-ask's corrective turn is not what a student sees), its response the accepted reply.
+
     ``dedupe``: a router step that repeats an earlier step's sub-question to the same KBs
-    (retrieval is deterministic: it found nothing new) becomes a *stop* sample — what was known
-    before it already led to the right final answer — and the trajectory's samples end there
-    (the later prompts carry the repeat in their history). Small teachers repeat themselves
-    until the step budget runs out; without this, SFT teaches the student to do the same.
+    (retrieval is deterministic: it found nothing new) is not trained on. When nothing new
+    follows the first repeat (only repeats, a stop or the budget's end), that step becomes a
+    *stop* sample — what was known before it led to the right final answer — and the samples
+    end there (the final prompt carries the repeats in its history). When a new step does
+    follow, only the repeated steps (and their sub-answers) are left out. Small teachers repeat
+    one sub-question until the budget runs out; without this, SFT teaches the student to.
     """
     tid = trajectory_id or traj.question.id or traj.question.text[:80]
     out: list[StepSample] = []
     idx = 0
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-    for step in traj.steps:
+    repeats = _repeated_steps(traj) if dedupe else {}
+    for i, step in enumerate(traj.steps):
         call = _usable_call(step.route_calls)
+        if i in repeats:
+            if not repeats[i] or call is None:
+                continue  # a repeat with new steps after it: left out, with its sub-answer
+            out.append(
+                StepSample(
+                    step_type="ret",
+                    messages=step.route_calls[0].messages or call.messages,
+                    target=RouteTarget(query=None, retrievers=[]),
+                    source=source,
+                    trajectory_id=tid,
+                    step_index=idx,
+                    origin="teacher-dedup",
+                )
+            )
+            return out
         if call is not None and step.action is not None:
             action = step.action
-            if dedupe and not action.is_stop and _step_key(action) in seen:
-                out.append(
-                    StepSample(
-                        step_type="ret",
-                        messages=call.messages,
-                        target=RouteTarget(query=None, retrievers=[]),
-                        source=source,
-                        trajectory_id=tid,
-                        step_index=idx,
-                        origin="teacher-dedup",
-                    )
-                )
-                return out
-            if not action.is_stop:
-                seen.add(_step_key(action))
             target = RouteTarget(
                 query=None if action.is_stop else action.sub_question,
                 retrievers=[] if action.is_stop else list(action.kbs),
@@ -129,7 +158,7 @@ def trajectory_to_samples(
             out.append(
                 StepSample(
                     step_type="ret",
-                    messages=call.messages,
+                    messages=step.route_calls[0].messages or call.messages,
                     target=target,
                     source=source,
                     trajectory_id=tid,
@@ -200,8 +229,8 @@ async def synthesize_async(
 ) -> SynthReport:
     """Run the teacher ``engine`` on the examples and keep trajectories with recall >= threshold.
 
-    ``dedupe``: cut kept trajectories at their first repeated step (see
-    :func:`trajectory_to_samples`).
+    ``dedupe``: leave repeated steps of kept trajectories out of the samples, cutting at the
+    first repeat when nothing new follows it (see :func:`trajectory_to_samples`).
 
     ``on_example(example, trajectory, kept_samples)`` is called as each question finishes
     (``kept_samples`` empty when the trajectory was dropped), e.g. to write incrementally.
@@ -220,7 +249,7 @@ async def synthesize_async(
                 traj, ex.golds, source=ex.source, trajectory_id=ex.id, dedupe=dedupe
             )
             report.kept += 1
-            if any(s.origin == "teacher-dedup" for s in per_example[i]):
+            if _repeated_steps(traj):
                 report.deduplicated += 1
         else:
             report.dropped[reason] += 1
@@ -252,11 +281,17 @@ def synthesize(
     *,
     paper_compat: bool = False,
     concurrency: int | None = None,
+    dedupe: bool = True,
 ) -> list[StepSample]:
     """Blocking :func:`synthesize_async` returning only the step samples."""
     report = asyncio.run(
         synthesize_async(
-            examples, engine, threshold, paper_compat=paper_compat, concurrency=concurrency
+            examples,
+            engine,
+            threshold,
+            paper_compat=paper_compat,
+            concurrency=concurrency,
+            dedupe=dedupe,
         )
     )
     return report.samples
