@@ -59,3 +59,30 @@ def test_synth_holds_the_teacher_to_the_gold_kbs(
     assert set(first_calls) == set(first_kb)
     for q, kbs in first_calls.items():
         assert kbs == ([first_kb[q]] if gold else ["text", "table", "image"]), q
+
+
+def test_synth_leaves_excluded_questions_out(
+    mkqa_registry, mkqa_config_path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import json
+
+    from kbrouter.eval.datasets import load_dataset, select_examples
+
+    teacher = ScriptedChatModel(_reply, supports_grammar=True)
+    monkeypatch.setattr("kbrouter.models.registry.load_model", lambda spec, **kw: teacher)
+    held = select_examples(load_dataset("mkqa-mini").examples, 4, seed=0, stratify=True)
+    ids = tmp_path / "holdout.json"
+    ids.write_text(json.dumps({"seed": 0, "ids": [e.id for e in held]}))
+    args = [
+        "synth", "-d", "mkqa-mini", "--teacher", "scripted", "--kbs", str(mkqa_config_path),
+        "--out", str(tmp_path / "s.jsonl"), "--limit", "4", "--max-steps", "1",
+        "--threshold", "0", "--exclude", str(ids),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stdout + (result.stderr or "")
+    progress = (tmp_path / "s.jsonl.progress.jsonl").read_text().splitlines()
+    done = {json.loads(line)["id"] for line in progress}
+    assert len(done) == 4 and not done & {e.id for e in held}
+    ids.write_text("[1, 2]")
+    bad = runner.invoke(app, [*args[:-1], str(ids)])
+    assert bad.exit_code != 0 and "list of question ids" in bad.stdout + (bad.stderr or "")

@@ -362,6 +362,12 @@ def synth_command(
         "--router-prompt",
         help="Router prompt variant the teacher sees (and the samples carry): full|compact.",
     ),
+    exclude: Path | None = typer.Option(
+        None,
+        "--exclude",
+        help="JSON file of question ids never to use (a list, or {'ids': [...]} such as "
+        "gold-paths' <out>.holdout.json): keeps validation questions out of training data.",
+    ),
 ) -> None:
     """Run a teacher through the engine and keep correct trajectories as step samples.
 
@@ -387,7 +393,11 @@ def synth_command(
             err_console.print(f"[yellow]note:[/] no --kbs given; using the demo KBs {kbs_path}")
         registry = KBRegistry.from_config(kbs_path)
         ds = load_dataset(dataset, data_dir=data_dir).with_kb_names(registry.infos)
-        examples = select_examples(ds.examples, limit, seed=seed, stratify=True)
+        pool = ds.examples
+        if exclude is not None:
+            held = _read_ids(exclude)
+            pool = [ex for ex in pool if ex.id not in held]
+        examples = select_examples(pool, limit, seed=seed, stratify=True)
         # the teacher decides, as in the paper, on the paper's reading path: every step
         # sample is the teacher's own output (no rewritten sub-questions or shortcuts)
         options: dict[str, Any] = {
@@ -571,6 +581,20 @@ def register(app: typer.Typer) -> None:
     """Add ``synth`` and the ``train`` group to the main app."""
     app.command("synth")(synth_command)
     app.add_typer(train_app, name="train")
+
+
+def _read_ids(path: Path) -> set[str]:
+    """Question ids from a JSON list or an object with an ``ids`` list."""
+    from kbrouter.errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read question ids from {path}: {e}") from e
+    ids = data.get("ids") if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ConfigError(f"{path} must hold a list of question ids or {{'ids': [...]}}")
+    return set(ids)
 
 
 def _synth_progress(progress_path: Path, out: Path) -> set[str]:
