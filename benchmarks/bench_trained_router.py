@@ -622,13 +622,18 @@ def _write_md(path: Path, summary: dict) -> None:
     lat = summary.get("route_latency")
     if lat:
         lines += ["", f"Route-call latency ({lat['what']}; {lat['questions']} questions):", ""]
-        lines += ["| case | mean s | prompt tokens | completion tokens |", "|---|---|---|---|"]
+        lines += [
+            "| case | mean s | prompt tokens | completion tokens | measured at |",
+            "|---|---|---|---|---|",
+        ]
         for k, v in lat.items():
             if isinstance(v, dict):
                 lines.append(
                     f"| {k} | {v['mean_seconds_after_first']:.2f} | "
-                    f"{v['mean_prompt_tokens']:.0f} | {v['mean_completion_tokens']:.0f} |"
+                    f"{v['mean_prompt_tokens']:.0f} | {v['mean_completion_tokens']:.0f} | "
+                    f"{str(v.get('commit') or '–')[:7]} |"
                 )
+        lines += ["", "Compare cases measured at the same commit (one run, same machine state)."]
     path.write_text("\n".join(lines) + "\n")
 
 
