@@ -162,7 +162,7 @@ def main() -> None:
 
     sft_dir = args.runs / "sft"
     if "sft" in stages and not (sft_dir / "final" / "kbrouter_train.json").is_file():
-        from kbrouter.train.config import LoRAConfig, SFTConfig
+        from kbrouter.train.config import SFTConfig
         from kbrouter.train.sft import train_sft
         from kbrouter.train.steps import read_steps
 
@@ -183,14 +183,7 @@ def main() -> None:
             logging_steps=5,
             seed=args.seed,
             use_cpu=True,
-            lora=LoRAConfig(
-                enabled=True,
-                r=args.lora_r,
-                alpha=2 * args.lora_r,
-                dropout=0.0,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                merge_on_save=False,
-            ),
+            lora=_lora(args),
             trl_overrides={"save_total_limit": 2},
         )
         result = train_sft(samples, config, progress=True, use_teacher_response=False)
@@ -223,13 +216,27 @@ def main() -> None:
         _merge_routing_only(args)
 
 
+def _lora(args):  # noqa: ANN001, ANN202
+    """The LoRA both training stages use: r=--lora-r on q/k/v/o, alpha 2r, adapter kept apart."""
+    from kbrouter.train.config import LoRAConfig
+
+    return LoRAConfig(
+        enabled=True,
+        r=args.lora_r,
+        alpha=2 * args.lora_r,
+        dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        merge_on_save=False,
+    )
+
+
 def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> None:  # noqa: ANN001
     """Step-GRPO (teacher-forced, the paper's regime) from the SFT run on the router steps of
     the same gold-path data: its own LoRA on the merged SFT model, the paper's reward (0.5
     routing + 0.5 sub-question similarity, format-gated), ``--grpo-updates`` updates of
     ``--grpo-prompts`` prompts x G completions, or fewer when ``--grpo-seconds`` runs out (a
     bounded run); checkpoints every 4 updates (resumable)."""
-    from kbrouter.train.config import LoRAConfig, StepGRPOConfig
+    from kbrouter.train.config import StepGRPOConfig
     from kbrouter.train.rewards import KBNames, RewardConfig
     from kbrouter.train.step_grpo import train_step_grpo
     from kbrouter.train.steps import read_steps
@@ -256,14 +263,7 @@ def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> 
         logging_steps=1,
         seed=args.seed,
         use_cpu=True,
-        lora=LoRAConfig(
-            enabled=True,
-            r=args.lora_r,
-            alpha=2 * args.lora_r,
-            dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            merge_on_save=False,
-        ),
+        lora=_lora(args),
         trl_overrides={"save_total_limit": 2},
     )
     samples = read_steps(steps_path)
