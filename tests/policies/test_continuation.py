@@ -288,3 +288,118 @@ def test_the_paper_reading_path_stops_where_the_router_says(demo_kbs):
     traj, _ = _answer(demo_kbs, outputs, question, **PAPER_READING)
     assert [c.purpose for c in traj.model_calls()] == ["route", "sub_answer", "route", "final"]
     assert traj.answer == "Flag of Australia"
+
+
+# ------------------------------------------------- after identification: no image KB again
+
+
+def _kb_alternatives(grammar: str) -> str:
+    return next(line for line in grammar.splitlines() if line.startswith("kb ::="))
+
+
+def test_once_the_image_is_identified_the_route_grammar_leaves_the_image_kb_out(demo_kbs):
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the capital of Australia?", "text"),
+        "<answer>Canberra</answer>",
+        STOP,
+        "<answer>Canberra</answer>",
+    ]
+    traj, model = _answer(demo_kbs, outputs, question, grammar=True, continue_after_entity=False)
+    assert traj.answer == "Canberra"
+    routes = [p.grammar for _, p in model.requests if p.grammar and "<sub-question>" in p.grammar]
+    assert len(routes) == 3
+    assert '"images"' in _kb_alternatives(routes[0])
+    for later in routes[1:]:
+        assert _kb_alternatives(later) == 'kb ::= "text" | "tables"'
+    s0, s1, s2 = traj.steps
+    assert not any("left out" in n for n in s0.notes)
+    for step in (s1, s2):
+        assert any(
+            n.startswith("the question's image is identified: images left out at this step")
+            for n in step.notes
+        )
+
+
+def test_without_a_grammar_an_image_kb_named_after_identification_is_re_asked(demo_kbs):
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the highest mountain in Kenya?", "images"),  # rejected
+        _route("What is the highest mountain in Kenya?", "tables"),
+        "<answer>Mount Kenya</answer>",
+        STOP,
+        "<answer>Mount Kenya</answer>",
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows")
+    s1 = traj.steps[1]
+    assert len(s1.route_calls) == 2
+    assert "search the text or tables knowledge base at this step" in (
+        s1.route_calls[1].messages[-1].text()
+    )
+    assert [r.kb for r in s1.retrievals] == ["tables"]
+    assert traj.answer == "Mount Kenya"
+
+
+def test_skip_identified_image_off_lets_the_router_search_the_image_kb_again(demo_kbs):
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the highest mountain in Kenya?", "images"),  # kept
+        "<answer>Kilimanjaro</answer>",
+        STOP,
+        "<answer>Kilimanjaro</answer>",
+    ]
+    traj, _ = _answer(demo_kbs, outputs, question, skip_identified_image=False)
+    s1 = traj.steps[1]
+    assert len(s1.route_calls) == 1 and [r.kb for r in s1.retrievals] == ["images"]
+    # the same image returns the same match
+    assert s1.retrievals[0].evidence[0].id == traj.steps[0].retrievals[0].evidence[0].id
+    assert not any("left out" in n for s in traj.steps for n in s.notes)
+
+
+def test_an_image_kb_is_not_left_out_when_it_is_the_only_kb(demo_kbs):
+    from kbrouter.testing import StaticKBRegistry
+
+    images = StaticKBRegistry([demo_kbs.get("images")])
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the highest mountain in Kenya?", "images"),
+        "<answer>Mount Kenya</answer>",
+        STOP,
+        "<answer>Mount Kenya</answer>",
+    ]
+    traj, _ = _answer(images, outputs, question)
+    assert [r.kb for r in traj.steps[1].retrievals] == ["images"]
+    assert not any("left out" in n for s in traj.steps for n in s.notes)
+
+
+def test_random_kb_draws_no_image_kb_once_the_image_is_identified(demo_kbs):
+    from kbrouter.policies.bounds import RandomKBPolicy
+    from kbrouter.types import Step
+
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg", id="peak")
+    names = [kb.name for kb in demo_kbs.infos]
+    # a seed whose first draw is the image KB, so that the image is identified at hop 1
+    seed = next(
+        s
+        for s in range(100)
+        if RandomKBPolicy(seed=s)._draw(question, Step(index=0), names) == "images"
+    )
+    outputs = [
+        _route("What is shown in the image?", "text"),  # the draw replaces the KB
+        _route("What is the highest mountain in Kenya?", "text"),
+        "<answer>Mount Kenya</answer>",
+        STOP,
+        "<answer>Mount Kenya</answer>",
+    ]
+    model = ScriptedChatModel(outputs)
+    policy = RandomKBPolicy(seed=seed, min_retrieval_steps=1, table_reader="rows")
+    engine = Engine(model, demo_kbs, policy, EngineConfig(max_steps=3, top_k=3))
+    traj = engine.answer_sync(question)
+    s0, s1 = traj.steps[:2]
+    assert s0.sub_answer == "Flag of Kenya"
+    assert [r.kb for r in s1.retrievals] != ["images"]
+    assert any("images left out" in n for n in s1.notes)

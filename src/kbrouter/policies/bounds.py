@@ -64,11 +64,15 @@ class RandomKBPolicy(R1RouterPolicy):
         step: Step,
         *,
         keep_going: str | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> RouteAction | None:
-        action = await super()._route(question, history, rt, prompts, step, keep_going=keep_going)
+        action = await super()._route(
+            question, history, rt, prompts, step, keep_going=keep_going, exclude=exclude
+        )
         if action is None or action.is_stop:
             return action
-        kb = self._draw(question, step, [kb.name for kb in rt.kbs])
+        names = [kb.name for kb in rt.kbs]
+        kb = self._draw(question, step, [n for n in names if n not in exclude] or names)
         self._note(rt, question, step, f"random KB: {kb} (the LLM named {', '.join(action.kbs)})")
         return action.model_copy(update={"kbs": [kb]})
 
@@ -102,7 +106,9 @@ class OracleKBPolicy(R1RouterPolicy):
         step: Step,
         *,
         keep_going: str | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> RouteAction | None:
+        # ``exclude`` does not apply: the gold path decides every hop
         gold = self._gold.get(question.id or "")
         if gold is None:
             raise ConfigError(

@@ -184,6 +184,7 @@ class LearnedRouterPolicy(_RoutedPolicy):
         step: Step,
         *,
         keep_going: str | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> RouteAction | None:
         self._check_kbs(rt)
         dist = self._router.route(self._state(question, history, step))
@@ -201,6 +202,18 @@ class LearnedRouterPolicy(_RoutedPolicy):
             label = dist.best_kb
             step.continued = True
             self._note(rt, question, step, f"multi-hop continuation: {keep_going}; using {label}")
+        if label in exclude:
+            others = {k: p for k, p in dist.probs.items() if k != NONE_LABEL and k not in exclude}
+            if others:
+                best = max(others, key=lambda k: others[k])
+                self._note(
+                    rt,
+                    question,
+                    step,
+                    f"the question's image is identified: {label} left out at this step; "
+                    f"using {best}",
+                )
+                label = best
         if label == NONE_LABEL:
             self._note(rt, question, step, f"route by learned router: stop ({_fmt(dist)})")
             return RouteAction(think=f"learned router: stop ({_fmt(dist)})")
@@ -226,9 +239,12 @@ class HybridPolicy(_RoutedPolicy):
         step: Step,
         *,
         keep_going: str | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> RouteAction | None:
         self._check_kbs(rt)
-        action = await super()._route(question, history, rt, prompts, step, keep_going=keep_going)
+        action = await super()._route(
+            question, history, rt, prompts, step, keep_going=keep_going, exclude=exclude
+        )
         sure = self._router.is_confident
         if action is None:  # the LLM's reply was unusable (or failed): the router may rescue it
             dist = self._router.route(self._state(question, history, step))
@@ -256,7 +272,8 @@ class HybridPolicy(_RoutedPolicy):
                 return RouteAction(think=action.think, sub_question=question.text, kbs=[kb])
             self._note(rt, question, step, f"route by LLM: stop (learned router: {_fmt(dist)})")
             return action
-        if dist.label != NONE_LABEL and sure(dist) and action.kbs != [dist.label]:
+        overrides = dist.label != NONE_LABEL and dist.label not in exclude and sure(dist)
+        if overrides and action.kbs != [dist.label]:
             kb = rt.resolve_kb(dist.label)
             self._note(
                 rt,

@@ -107,6 +107,15 @@ class R1RouterConfig(BaseModel):
         "threshold (pinned), show only the pinned hits of that search: a small model otherwise "
         "names a lower-ranked item.",
     )
+    skip_identified_image: bool = Field(
+        True,
+        description="Once the question's image is identified (image_entity), later steps do not "
+        "search image KBs again: their queries carry the same image, so they return the same "
+        "match (the 1.5B preset searched the image KB again for the second hop of every demo "
+        "question with an image and read the property off the match's caption). The route "
+        "grammar narrows to the other KBs; without a grammar an image KB is re-asked. No effect "
+        "when image KBs are all there is.",
+    )
     relevance_margin: float | None = Field(
         None,
         ge=0.0,
@@ -163,6 +172,7 @@ class R1RouterConfig(BaseModel):
 PAPER_READING: dict[str, Any] = {
     "image_entity": False,
     "identify_first": False,
+    "skip_identified_image": False,
     "pinned_alone": False,
     "continue_after_entity": False,
     "answer_from_question_hop": False,
@@ -230,7 +240,14 @@ class R1RouterPolicy(Policy):
             step = Step(index=index)
             traj.steps.append(step)
             keep_going = self._keep_going(question, history, continued)
-            action = await self._route(question, history, rt, prompts, step, keep_going=keep_going)
+            skip = (
+                frozenset(image_kbs)
+                if identified and self.config.skip_identified_image
+                else frozenset()
+            )
+            action = await self._route(
+                question, history, rt, prompts, step, keep_going=keep_going, exclude=skip
+            )
             if step.continued:
                 continued += 1
             anchor = step.continued or just_identified
@@ -384,14 +401,27 @@ class R1RouterPolicy(Policy):
         step: Step,
         *,
         keep_going: str | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> RouteAction | None:
         """Route with bounded format retries; None means fall back (the notes say why).
 
         ``keep_going``: why a stop now would be premature (see :meth:`_keep_going`); a stop is
-        then re-asked once with that message and without the grammar's stop branch."""
+        then re-asked once with that message and without the grammar's stop branch.
+        ``exclude``: KBs the router may not name at this step (see ``skip_identified_image``)."""
         base = prompts.route_messages(question, history)
         messages = base
-        allowed = self.allowed_kbs(question, len(history))
+        hooked = self.allowed_kbs(question, len(history))
+        allowed = self._narrowed(hooked, exclude, rt)
+        if allowed is not hooked:
+            assert allowed is not None
+            self._note(
+                rt,
+                question,
+                step,
+                f"the question's image is identified: {', '.join(sorted(exclude))} left out "
+                f"at this step (a search would return the same match); choosing among "
+                f"{', '.join(allowed)}",
+            )
         params = self._route_params(
             rt, prompts, allow_stop=step.index >= self.config.min_retrieval_steps, kbs=allowed
         )
@@ -477,6 +507,16 @@ class R1RouterPolicy(Policy):
         if self.config.relevance_margin is not None:
             return within_margin(top, self.config.relevance_margin)
         return top
+
+    @staticmethod
+    def _narrowed(
+        allowed: list[str] | None, exclude: frozenset[str], rt: Runtime
+    ) -> list[str] | None:
+        """``allowed`` (None: every KB) without ``exclude``; ``allowed`` itself when that
+        removes nothing or would leave nothing."""
+        names = allowed if allowed is not None else [kb.name for kb in rt.kbs]
+        kept = [name for name in names if name not in exclude]
+        return kept if kept and len(kept) < len(names) else allowed
 
     def allowed_kbs(self, question: Question, hop: int) -> list[str] | None:
         """The KBs the router may name at retrieval ``hop`` (0-based) of ``question``; None =
