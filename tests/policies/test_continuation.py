@@ -306,7 +306,14 @@ def test_once_the_image_is_identified_the_route_grammar_leaves_the_image_kb_out(
         STOP,
         "<answer>Canberra</answer>",
     ]
-    traj, model = _answer(demo_kbs, outputs, question, grammar=True, continue_after_entity=False)
+    traj, model = _answer(
+        demo_kbs,
+        outputs,
+        question,
+        grammar=True,
+        continue_after_entity=False,
+        skip_identified_image=True,
+    )
     assert traj.answer == "Canberra"
     routes = [p.grammar for _, p in model.requests if p.grammar and "<sub-question>" in p.grammar]
     assert len(routes) == 3
@@ -332,7 +339,7 @@ def test_without_a_grammar_an_image_kb_named_after_identification_is_re_asked(de
         STOP,
         "<answer>Mount Kenya</answer>",
     ]
-    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows")
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows", skip_identified_image=True)
     s1 = traj.steps[1]
     assert len(s1.route_calls) == 2
     assert "search the text or tables knowledge base at this step" in (
@@ -342,7 +349,7 @@ def test_without_a_grammar_an_image_kb_named_after_identification_is_re_asked(de
     assert traj.answer == "Mount Kenya"
 
 
-def test_skip_identified_image_off_lets_the_router_search_the_image_kb_again(demo_kbs):
+def test_by_default_the_router_may_search_the_image_kb_again(demo_kbs):
     question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
     outputs = [
         _route("What is shown in the image?", "images"),
@@ -351,7 +358,7 @@ def test_skip_identified_image_off_lets_the_router_search_the_image_kb_again(dem
         STOP,
         "<answer>Kilimanjaro</answer>",
     ]
-    traj, _ = _answer(demo_kbs, outputs, question, skip_identified_image=False)
+    traj, _ = _answer(demo_kbs, outputs, question)  # skip_identified_image is off
     s1 = traj.steps[1]
     assert len(s1.route_calls) == 1 and [r.kb for r in s1.retrievals] == ["images"]
     # the same image returns the same match
@@ -371,7 +378,7 @@ def test_an_image_kb_is_not_left_out_when_it_is_the_only_kb(demo_kbs):
         STOP,
         "<answer>Mount Kenya</answer>",
     ]
-    traj, _ = _answer(images, outputs, question)
+    traj, _ = _answer(images, outputs, question, skip_identified_image=True)
     assert [r.kb for r in traj.steps[1].retrievals] == ["images"]
     assert not any("left out" in n for s in traj.steps for n in s.notes)
 
@@ -396,7 +403,9 @@ def test_random_kb_draws_no_image_kb_once_the_image_is_identified(demo_kbs):
         "<answer>Mount Kenya</answer>",
     ]
     model = ScriptedChatModel(outputs)
-    policy = RandomKBPolicy(seed=seed, min_retrieval_steps=1, table_reader="rows")
+    policy = RandomKBPolicy(
+        seed=seed, min_retrieval_steps=1, table_reader="rows", skip_identified_image=True
+    )
     engine = Engine(model, demo_kbs, policy, EngineConfig(max_steps=3, top_k=3))
     traj = engine.answer_sync(question)
     s0, s1 = traj.steps[:2]

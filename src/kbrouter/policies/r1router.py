@@ -108,13 +108,15 @@ class R1RouterConfig(BaseModel):
         "names a lower-ranked item.",
     )
     skip_identified_image: bool = Field(
-        True,
+        False,
         description="Once the question's image is identified (image_entity), later steps do not "
-        "search image KBs again: their queries carry the same image, so they return the same "
-        "match (the 1.5B preset searched the image KB again for the second hop of every demo "
-        "question with an image and read the property off the match's caption). The route "
-        "grammar narrows to the other KBs; without a grammar an image KB is re-asked. No effect "
-        "when image KBs are all there is.",
+        "search image KBs again: their queries carry the same image and return the same match. "
+        "The route grammar narrows to the other KBs; without a grammar an image KB is re-asked "
+        "(no effect when image KBs are all there is). Off by default: it lifted the 1.5B preset "
+        "from 5 to 7 of the 8 demo questions (it had searched the image KB again for every "
+        "second hop), but a question answered by the identified item's caption (mkqa-mini "
+        "gcompris-solar, template-image-desc) then cannot read it. See "
+        "benchmarks/results/answers/README.md.",
     )
     relevance_margin: float | None = Field(
         None,
