@@ -101,6 +101,54 @@ def test_learned_router_grammar_pins_the_chosen_kb(tmp_path, kbs, mkqa_router):
     assert grammar is not None and 'kb ::= "table"' in grammar and "nl go" in grammar
 
 
+def test_learned_router_takes_its_best_other_kb_once_the_image_is_identified(
+    tmp_path, mkqa_router, monkeypatch
+):
+    from kbrouter.types import RouteDistribution
+
+    pinned = Evidence(
+        kb="image",
+        id="image-1",
+        score=0.95,
+        text="Flag of Australia.",
+        title="Flag of Australia",
+        modality=Modality.IMAGE,
+        metadata={"pinned": True},
+    )
+    kbs = [
+        StaticKB("text", [_ev("text", 1, "Canberra is the capital of Australia.")]),
+        StaticKB("image", [pinned], modality=Modality.IMAGE),
+        StaticKB(
+            "table",
+            [_ev("table", 1, "Australia | capital Canberra", Modality.TABLE)],
+            modality=Modality.TABLE,
+        ),
+    ]
+    policy = LearnedRouterPolicy(
+        router=mkqa_router, skip_identified_image=True, table_reader="rows"
+    )
+    # a router that keeps preferring the image KB
+    dist = RouteDistribution(
+        probs={"image": 0.6, "table": 0.3, "text": 0.1, "none": 0.0},
+        label="image",
+        confidence=0.6,
+    )
+    monkeypatch.setattr(policy.router, "route", lambda state: dist)
+    outputs = [
+        # hop 1 is answered by the image match (no model call); hop 2's sub-question:
+        "<think>t</think><sub-question>What is the capital of Australia?</sub-question>"
+        "<ret>table</ret>",
+        "<answer>Canberra</answer>",  # sub-answer of hop 2
+        "<answer>Canberra</answer>",  # final (the budget of 2 steps is spent)
+    ]
+    traj, _ = _run(policy, outputs, kbs, _flag(tmp_path), max_steps=2)
+    assert traj.steps[0].sub_answer == "Flag of Australia"
+    assert [r.kb for r in traj.steps[1].retrievals] == ["table"]
+    assert any("image left out at this step; using table" in n for n in traj.steps[1].notes)
+    assert _calls(kbs) == {"image": [FLAG_Q], "table": ["What is the capital of Australia?"]}
+    assert traj.answer == "Canberra"
+
+
 def test_hybrid_overrides_a_wrong_llm_kb_and_vetoes_an_early_stop(tmp_path, kbs, mkqa_router):
     policy = HybridPolicy(router=mkqa_router)
     outputs = [
