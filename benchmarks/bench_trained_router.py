@@ -63,6 +63,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=60, help="validation questions (e2e subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wtq-cap", type=int, default=50)
+    ap.add_argument(
+        "--first-hops-of-dropped",
+        action="store_true",
+        help="steps: also the first router step of questions dropped for a retrieval miss",
+    )
     ap.add_argument("--kbs", type=Path, default=HERE / "mkqa_kbs.toml")
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "trained-router")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "trained-router")
@@ -143,7 +148,12 @@ def main() -> None:
         from kbrouter.train.steps import write_steps
 
         t0 = time.perf_counter()
-        report = GoldPathBuilder(registry, top_k=2, router_prompt="compact").build(train)
+        report = GoldPathBuilder(
+            registry,
+            top_k=2,
+            router_prompt="compact",
+            first_hops_of_dropped=args.first_hops_of_dropped,
+        ).build(train)
         write_steps(report.samples, steps_path)
         steps_info.write_text(
             json.dumps(
@@ -151,6 +161,7 @@ def main() -> None:
                     "train_questions": len(train),
                     "kept": report.kept,
                     "dropped": dict(report.dropped),
+                    "first_hops_of_dropped": report.first_hops,
                     "samples": report.counts(),
                     "seconds": round(time.perf_counter() - t0, 1),
                     "validation_ids": sorted(val_ids),
@@ -340,6 +351,11 @@ def _merge_routing_only(args) -> None:  # noqa: ANN001
             "hop1_no_retrieval_rate": hop1_none / rep["hop1_n"] if rep.get("hop1_n") else None,
             "route_seconds_mean": rep.get("route_seconds_mean"),
         }
+    for row in summary["models"].values():  # the quantisation each exported router ran at
+        spec = str(row.get("model") or "")
+        path = REPO / spec.split(":", 1)[1] if spec.startswith("llama-cpp:") else None
+        if path is not None and path.is_file() and "gguf_file_type" not in row:
+            row["gguf_file_type"] = _gguf_file_type(path)
     # route_seconds: one route call alone (the latency stage); the e2e mean ran two questions
     # at a time and is kept as route_seconds_e2e
     lat = summary.get("route_latency") or {}
@@ -352,6 +368,20 @@ def _merge_routing_only(args) -> None:  # noqa: ANN001
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
     if "benchmark" in summary:
         _write_md(args.out / "summary.md", summary)
+
+
+def _gguf_file_type(path: Path) -> str | None:
+    """The GGUF's ``general.file_type`` by name (e.g. MOSTLY_Q4_0), read from its header."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return None
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name
+    except ValueError:
+        return str(value)
 
 
 def _latency(args, registry, val) -> None:  # noqa: ANN001
@@ -609,6 +639,12 @@ def _write_md(path: Path, summary: dict) -> None:
                 parts.append(
                     f"data {data.get('runs', '')}: {data['kept']} of {data['train_questions']} "
                     f"training questions kept ({data['dropped']}), samples {data['samples']}"
+                    + (
+                        f" (incl. the first router step of {data['first_hops_of_dropped']} "
+                        "dropped questions)"
+                        if data.get("first_hops_of_dropped")
+                        else ""
+                    )
                 )
             for stage in ("sft", "grpo"):
                 info = t.get(stage)
@@ -618,6 +654,9 @@ def _write_md(path: Path, summary: dict) -> None:
                         f"{stage}: {r['steps']} updates on {r['samples']} samples in "
                         f"{r['seconds']:.0f} s (lr {info['settings'].get('learning_rate')})"
                     )
+            gguf_type = summary["models"][name].get("gguf_file_type")
+            if gguf_type:
+                parts.append(f"run as GGUF {gguf_type}")
             lines.append(f"- {name}: " + "; ".join(parts))
     lat = summary.get("route_latency")
     if lat:

@@ -257,6 +257,64 @@ def test_identify_first_answers_the_image_hop_and_goes_on_from_the_entity(demo_k
     assert traj.answer == "Mount Kenya"
 
 
+def test_after_identification_the_route_prompt_says_what_the_image_shows(demo_kbs):
+    """Hop 1's route prompt asks to identify the image; once the image KB has matched it, the
+    next route prompt names the entity instead with identified_note (off by default), but not
+    in the compact prompt trained routers were fine-tuned on."""
+    question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the highest mountain in Kenya?", "tables"),
+        "<answer>Mount Kenya</answer>",
+        STOP,
+    ]
+    ask_note = 'Ask about what the image shows with the "images" knowledge base'
+    told = "An image search has identified it: it shows Flag of Kenya."
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows", identified_note=True)
+    hop1 = traj.steps[0].route_calls[0].messages[-1].text()
+    hop2 = traj.steps[1].route_calls[0].messages[-1].text()
+    assert ask_note in hop1 and told not in hop1
+    assert told in hop2 and ask_note not in hop2
+    assert "Do not ask again what the image shows; ask about Flag of Kenya." in hop2
+    assert traj.answer == "Mount Kenya"
+
+    for options in ({}, {"identified_note": True, "router_prompt": "compact"}):
+        traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows", **options)
+        hop2 = traj.steps[1].route_calls[0].messages[-1].text()
+        assert ask_note in hop2 and told not in hop2, options
+
+
+def test_carry_identified_shows_the_matched_item_with_a_later_steps_evidence(demo_kbs):
+    """With carry_identified, a step after the identification that searches another KB shows
+    the identified flag (title and caption, last, marked as the image match) to the sub-answer
+    call; a step that searches the image KB again does not get it twice; off by default."""
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        _route("What is the capital of Australia?", "text"),
+        "<answer>Canberra</answer>",
+        _route("Which city is the capital of Australia?", "images"),
+        "<answer>Canberra</answer>",
+        STOP,
+        "<answer>Canberra</answer>",
+    ]
+    carried = "(this picture matches the question's image) Flag of Australia: Flag of Australia."
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows", carry_identified=True)
+    s1, s2 = traj.steps[1], traj.steps[2]
+    assert [r.kb for r in s1.retrievals] == ["text"]
+    prompt1 = s1.answer_call.messages[-1].text()
+    shown = [line for line in prompt1.splitlines() if line.startswith("(")]
+    assert carried in shown[-1] and all("Flag of Australia" not in x for x in shown[:-1])
+    assert any("carry_identified" in n for n in s1.notes)
+    # the image KB searched again: its own match is shown once, nothing carried
+    assert [r.kb for r in s2.retrievals] == ["images"]
+    assert s2.answer_call.messages[-1].text().count("Flag of Australia:") == 1
+    assert not any("carry_identified" in n for n in s2.notes)
+
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows")  # default: off
+    assert "Flag of Australia" not in traj.steps[1].answer_call.messages[-1].text()
+
+
 def test_identify_first_keeps_a_step_that_searched_other_kbs_too(demo_kbs):
     question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
     outputs = [

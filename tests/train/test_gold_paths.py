@@ -182,3 +182,32 @@ def test_gold_path_samples_are_what_the_engine_sends(
         assert traj.answer
         checked += 1
     assert checked >= 5
+
+
+def test_first_hops_of_dropped_questions(mkqa_registry, dev: list[EvalExample]) -> None:  # noqa: ANN001
+    """A question dropped for a retrieval miss still gives its first router step (the whole
+    question to its first gold KB); kept questions' samples do not change."""
+    from kbrouter.train.gold_paths import FIRST_HOP_ORIGIN, RETRIEVAL_DROPS
+
+    questions = _source(dev, "wtq")[:25] + _source(dev, "hotpotqa")[:25]
+    plain = GoldPathBuilder(mkqa_registry, top_k=2, router_prompt="compact").build(questions)
+    with_first = GoldPathBuilder(
+        mkqa_registry, top_k=2, router_prompt="compact", first_hops_of_dropped=True
+    ).build(questions)
+    misses = sum(n for reason, n in plain.dropped.items() if reason in RETRIEVAL_DROPS)
+    assert misses > 0, plain.dropped
+    assert with_first.dropped == plain.dropped and with_first.kept == plain.kept
+    assert with_first.first_hops == misses
+    extra = [s for s in with_first.samples if s.origin == FIRST_HOP_ORIGIN]
+    assert len(extra) == misses
+    assert [s for s in with_first.samples if s.origin != FIRST_HOP_ORIGIN] == plain.samples
+    by_id = {e.id: e for e in questions}
+    compact = load_prompt("router_compact_system").split("{", 1)[0]
+    for s in extra:
+        ex = by_id[s.trajectory_id.split(":", 1)[1]]
+        assert ex.id not in with_first.paths  # dropped: no path, only this step
+        assert s.kind == "ret" and s.step_index == 0
+        assert s.target.retrievers == [ex.gold_kbs[0]]
+        assert s.target.query == router_sub_question(ex.question.text)
+        assert s.messages[0].text().startswith(compact)
+        assert ex.question.text in s.messages[-1].text()

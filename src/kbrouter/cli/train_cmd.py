@@ -495,6 +495,12 @@ def gold_paths_command(
     router_prompt: str = typer.Option(
         "compact", "--router-prompt", help="Router prompt variant of the samples: compact|full."
     ),
+    first_hops_of_dropped: bool = typer.Option(
+        False,
+        "--first-hops-of-dropped",
+        help="Also emit the first router step of questions dropped for a retrieval miss "
+        "(origin gold-path-first-hop): the first gold KB is the right route either way.",
+    ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Shared data folder."),
 ) -> None:
     """Assemble router and sub-answer step samples along the gold KB path of each question,
@@ -520,6 +526,7 @@ def gold_paths_command(
             registry,
             top_k=top_k,
             router_prompt=router_prompt,  # type: ignore[arg-type]
+            first_hops_of_dropped=first_hops_of_dropped,
         )
         report = builder.build(examples)
         write_steps(report.samples, out)
@@ -532,7 +539,9 @@ def gold_paths_command(
             )
     console.print(
         f"gold paths: kept {report.kept}/{report.total} questions "
-        f"(dropped: {dict(report.dropped) or 'none'}); {len(report.samples)} step samples "
+        f"(dropped: {dict(report.dropped) or 'none'}"
+        + (f"; first hops of {report.first_hops} of them" if report.first_hops else "")
+        + f"); {len(report.samples)} step samples "
         f"{report.counts()} in {out}"
     )
 

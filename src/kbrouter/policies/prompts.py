@@ -90,6 +90,9 @@ class Hop:
     sub_question: str
     answer: str
     kbs: tuple[str, ...] = ()
+    identified: bool = False
+    """The hop identified the question's image (an image-to-image match named it; the answer
+    is the matched item's title)."""
 
 
 # --------------------------------------------------------------------------- rendering
@@ -152,6 +155,17 @@ def image_note(kbs: Sequence[KBInfo], purpose: str) -> str:
             )
         return "[An image is attached to this question, but you cannot see it.]"
     return "[An image is attached to the question, but you cannot see it; rely on the text.]"
+
+
+def identified_image_note(entity: str) -> str:
+    """The route note once an image search has identified the question's image: what it shows,
+    instead of :func:`image_note`'s request to identify it (which small models keep obeying,
+    asking "What is shown in the image?" again at every later step)."""
+    name = " ".join(entity.split())
+    return (
+        f"[An image is attached to this question. An image search has identified it: it shows "
+        f"{name}. Do not ask again what the image shows; ask about {name}.]"
+    )
 
 
 def question_content(
@@ -254,6 +268,10 @@ class PromptBuilder:
             default: the 0.5B model was seen copying the example's answer).
         router_prompt: ``full`` or ``compact`` (see :data:`ROUTER_PROMPTS`; ``compact`` never
             has few-shot turns).
+        identified_note: once a hop of the history identified the question's image
+            (:attr:`Hop.identified`), the ``full`` route prompt says what the image shows
+            (:func:`identified_image_note`) instead of asking to identify it. The ``compact``
+            prompt keeps its text: trained routers were fine-tuned on it.
     """
 
     def __init__(
@@ -264,6 +282,7 @@ class PromptBuilder:
         few_shot: bool = True,
         answer_few_shot: bool = False,
         router_prompt: RouterPrompt = "full",
+        identified_note: bool = False,
     ) -> None:
         if not kbs:
             raise ValueError("a PromptBuilder needs at least one knowledge base")
@@ -276,6 +295,7 @@ class PromptBuilder:
         self.supports_images = supports_images
         self.few_shot = few_shot
         self.answer_few_shot = answer_few_shot
+        self.identified_note = identified_note
         self._route_prefix = self._build_route_prefix()
         self._sub_prefix = self._build_sub_answer_prefix()
         self._final_prefix = self._build_final_prefix()
@@ -304,7 +324,11 @@ class PromptBuilder:
     def _route_user_text(self, text: str, has_image: bool, history: Sequence[Hop]) -> str:
         parts = [f"Question: {' '.join(text.split())}"]
         if has_image and not self.supports_images:
-            parts.append(image_note(self.kbs, "route"))
+            entity = next((h.answer for h in history if h.identified and h.answer.strip()), None)
+            if entity is not None and self.identified_note and self.router_prompt != "compact":
+                parts.append(identified_image_note(entity))
+            else:
+                parts.append(image_note(self.kbs, "route"))
         # No "(none yet)" placeholder before the first hop: the 0.5B model copied it as its
         # sub-question ("None yet?"), searched for it and answered with it.
         if history:

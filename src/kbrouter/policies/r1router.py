@@ -118,6 +118,23 @@ class R1RouterConfig(BaseModel):
         "gcompris-solar, template-image-desc) then cannot read it. See "
         "benchmarks/results/answers/README.md.",
     )
+    identified_note: bool = Field(
+        False,
+        description="Once the question's image is identified, the route prompt (the 'full' "
+        "variant) says what it shows instead of asking to identify it (both the 0.5B and the "
+        "1.5B kept copying 'What is shown in the image?' into later sub-questions). Off by "
+        "default: with the 0.5B it sent second hops back to the image KB ('ask about Flag of "
+        "Australia') and lost the make demo question (demo 4 -> 2.5 of 8). The 'compact' "
+        "prompt of trained routers keeps the text they were trained on. See "
+        "benchmarks/results/answers/README.md.",
+    )
+    carry_identified: bool = Field(
+        False,
+        description="Once the question's image is identified, later steps that search other KBs "
+        "also show the identified image-KB item (its title and caption, last) to the sub-answer "
+        "call, so an answer in the caption stays readable when the image KB is not searched "
+        "again (skip_identified_image).",
+    )
     relevance_margin: float | None = Field(
         None,
         ge=0.0,
@@ -175,6 +192,8 @@ PAPER_READING: dict[str, Any] = {
     "image_entity": False,
     "identify_first": False,
     "skip_identified_image": False,
+    "identified_note": False,
+    "carry_identified": False,
     "pinned_alone": False,
     "continue_after_entity": False,
     "answer_from_question_hop": False,
@@ -217,6 +236,7 @@ class R1RouterPolicy(Policy):
                 few_shot=self.config.few_shot,
                 answer_few_shot=self.config.answer_few_shot,
                 router_prompt=variant,
+                identified_note=self.config.identified_note,
             )
             self._builders[key] = builder
         return builder
@@ -235,6 +255,7 @@ class R1RouterPolicy(Policy):
         stop_reason: StopReason = "budget"
         continued = 0
         identified = False  # an image-KB match has named what the question's image shows
+        identified_item: Evidence | None = None  # ... that image-KB item (carry_identified)
         just_identified = False  # ... at the latest hop
         image_kbs = {kb.name for kb in rt.kbs if kb.modality == Modality.IMAGE}
 
@@ -287,6 +308,7 @@ class R1RouterPolicy(Policy):
             if entity is not None and (asked or first):
                 assert entity.title is not None
                 identified = just_identified = True
+                identified_item = entity
                 step.sub_answer = entity.title
                 asked_text = action.sub_question if asked else IDENTIFY_QUESTION
                 self._note(
@@ -302,7 +324,7 @@ class R1RouterPolicy(Policy):
                         f"step answers {IDENTIFY_QUESTION!r} and the question goes on)"
                     ),
                 )
-                history.append(Hop(asked_text, step.sub_answer, tuple(action.kbs)))
+                history.append(Hop(asked_text, step.sub_answer, tuple(action.kbs), identified=True))
                 self._emit(rt, "sub_answer", question, step=step)
                 continue
             if self.config.table_reader == "sql":
@@ -310,6 +332,20 @@ class R1RouterPolicy(Policy):
                     self, question, action.sub_question, evidence, rt, step, self.config.sql_reader
                 )
 
+            if (
+                self.config.carry_identified
+                and identified_item is not None
+                and step.retrievals
+                and not any(r.kb in image_kbs for r in step.retrievals)
+            ):
+                evidence = [*evidence, identified_item]
+                self._note(
+                    rt,
+                    question,
+                    step,
+                    f"the identified image item {identified_item.title!r} is shown with this "
+                    "step's evidence (carry_identified)",
+                )
             messages = prompts.sub_answer_messages(question, action.sub_question, evidence)
             call = await rt.chat("sub_answer", messages, self._answer_params(rt))
             step.answer_call = call

@@ -50,6 +50,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GOLD_PATH_ORIGIN = "gold-path"
+FIRST_HOP_ORIGIN = "gold-path-first-hop"
+"""Origin of the first-hop router samples of questions whose gold path was dropped for a
+retrieval miss (``first_hops_of_dropped``): kept apart so their effect can be compared."""
+
+RETRIEVAL_DROPS = frozenset({"gold_not_shown", "table_not_retrieved", "bridge_not_shown"})
+"""Drop reasons that are retrieval misses: the question's first gold KB is still the right
+route, whatever the KB then returned."""
 
 
 @dataclass
@@ -64,6 +71,8 @@ class GoldPathReport:
     'table_not_retrieved', 'bridge_not_shown', 'unknown_kb', ..."""
     paths: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """Per kept question id: the (KB, sub-question) of every retrieving hop."""
+    first_hops: int = 0
+    """Dropped questions that still gave their first router step (``first_hops_of_dropped``)."""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(s.kind for s in self.samples))
@@ -79,6 +88,8 @@ class _Hop:
     :data:`IDENTIFY_QUESTION` when the sub-question asked more)."""
     sub_answer_sample: tuple[list[Evidence], str] | None = None
     """(evidence shown, target answer) when the engine asks the model at this hop."""
+    identified: bool = False
+    """The hop is the image identification (the engine's :attr:`Hop.identified`)."""
 
 
 class _Drop(Exception):
@@ -135,6 +146,13 @@ class GoldPathBuilder:
             router; the model's GGUF records it on export).
         supports_images: whether the model to train sees image parts (text-only: a note).
         kb_map: gold KB kind -> KB name, when the dataset's kinds are not the KB names.
+        first_hops_of_dropped: for a question dropped for a retrieval miss (the gold answer not
+            shown, the gold table not retrieved, the bridge not shown), still emit its first
+            router step (the whole question to its first gold KB, origin
+            :data:`FIRST_HOP_ORIGIN`): which KB to ask first is decided by the annotation, not
+            by what the KB returned. On mkqa-mini's training questions these add 42 text and 30
+            table first hops (mostly musique and wtq). Nothing after the first hop is emitted
+            for them (no sub-answer, no stop).
     """
 
     def __init__(
@@ -146,8 +164,10 @@ class GoldPathBuilder:
         router_prompt: RouterPrompt = "compact",
         supports_images: bool = False,
         kb_map: dict[str, str] | None = None,
+        first_hops_of_dropped: bool = False,
     ) -> None:
         self.registry = registry
+        self.first_hops_of_dropped = first_hops_of_dropped
         self.top_k = top_k
         self.retrieve_k = retrieve_k
         self.kb_map = dict(kb_map or {})
@@ -167,16 +187,22 @@ class GoldPathBuilder:
     ) -> GoldPathReport:
         """Gold-path samples of every example that has gold KBs and survives the checks.
 
-        ``on_example(example, samples, reason)`` is called per example (``samples`` empty and
-        ``reason`` the drop reason when dropped; ``reason == "kept"`` otherwise)."""
+        ``on_example(example, samples, reason)`` is called per example (``reason`` the drop
+        reason when dropped, with ``samples`` empty or only the first hop; ``reason == "kept"``
+        otherwise)."""
         report = GoldPathReport(total=len(examples))
         for ex in examples:
             try:
                 hops = self._path(ex)
             except _Drop as d:
                 report.dropped[d.reason] += 1
+                first: list[StepSample] = []
+                if self.first_hops_of_dropped and d.reason in RETRIEVAL_DROPS:
+                    first = [self._first_hop(ex)]
+                    report.samples.extend(first)
+                    report.first_hops += 1
                 if on_example is not None:
-                    on_example(ex, [], d.reason)
+                    on_example(ex, first, d.reason)
                 continue
             samples = self._samples(ex, hops)
             report.kept += 1
@@ -185,10 +211,11 @@ class GoldPathBuilder:
             if on_example is not None:
                 on_example(ex, samples, "kept")
         logger.info(
-            "gold paths: kept %d/%d questions (%s), %d step samples %s",
+            "gold paths: kept %d/%d questions (%s; first hops of %d dropped), %d step samples %s",
             report.kept,
             report.total,
             dict(report.dropped),
+            report.first_hops,
             len(report.samples),
             report.counts(),
         )
@@ -263,10 +290,10 @@ class GoldPathBuilder:
             if len(kbs) == 1:
                 if _gold_in([entity], ex.golds) is None:
                     raise _Drop("gold_not_shown")
-                return [_Hop(kbs[0], sub_q, title, sub_q)]
-            hops = [_Hop(kbs[0], sub_q, title, sub_q)]
+                return [_Hop(kbs[0], sub_q, title, sub_q, identified=True)]
+            hops = [_Hop(kbs[0], sub_q, title, sub_q, identified=True)]
         else:
-            hops = [_Hop(kbs[0], sub_q, title, IDENTIFY_QUESTION)]
+            hops = [_Hop(kbs[0], sub_q, title, IDENTIFY_QUESTION, identified=True)]
         # the engine goes on from the entity: the next gold KB, or the image KB again when the
         # answer is in the identified item's caption (one gold hop, two engine steps)
         next_kb = kbs[1] if len(kbs) > 1 else kbs[0]
@@ -327,6 +354,21 @@ class GoldPathBuilder:
 
     # ------------------------------------------------------------------ samples
 
+    def _first_hop(self, ex: EvalExample) -> StepSample:
+        """The first router step of ``ex``: the whole question to its first gold KB (every
+        gold path starts so, see :meth:`_path`)."""
+        return StepSample(
+            step_type="ret",
+            messages=self.prompts.route_messages(ex.question, []),
+            target=RouteTarget(
+                query=router_sub_question(ex.question.text), retrievers=[self._kb(ex.gold_kbs[0])]
+            ),
+            source=ex.source,
+            trajectory_id=f"{FIRST_HOP_ORIGIN}:{ex.id}",
+            step_index=0,
+            origin=FIRST_HOP_ORIGIN,
+        )
+
     def _samples(self, ex: EvalExample, hops: list[_Hop]) -> list[StepSample]:
         q = ex.question
         tid = f"{GOLD_PATH_ORIGIN}:{ex.id}"
@@ -359,7 +401,7 @@ class GoldPathBuilder:
                         origin=GOLD_PATH_ORIGIN,
                     )
                 )
-            history.append(Hop(hop.asked_text, hop.answer, (hop.kb,)))
+            history.append(Hop(hop.asked_text, hop.answer, (hop.kb,), identified=hop.identified))
         add(
             StepSample(
                 step_type="ret",
