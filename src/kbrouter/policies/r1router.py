@@ -254,8 +254,8 @@ class R1RouterPolicy(Policy):
         history: list[Hop] = []
         stop_reason: StopReason = "budget"
         continued = 0
-        identified = False  # an image-KB match has named what the question's image shows
-        identified_item: Evidence | None = None  # ... that image-KB item (carry_identified)
+        # the image-KB item whose match named what the question's image shows, once one did
+        identified: Evidence | None = None
         just_identified = False  # ... at the latest hop
         image_kbs = {kb.name for kb in rt.kbs if kb.modality == Modality.IMAGE}
 
@@ -265,7 +265,7 @@ class R1RouterPolicy(Policy):
             keep_going = self._keep_going(question, history, continued)
             skip = (
                 frozenset(image_kbs)
-                if identified and self.config.skip_identified_image
+                if identified is not None and self.config.skip_identified_image
                 else frozenset()
             )
             action = await self._route(
@@ -304,11 +304,10 @@ class R1RouterPolicy(Policy):
             # identifying first drops what the step's other KBs found, so only a step that
             # searched image KBs alone is answered by the identification
             only_images = all(r.kb in image_kbs for r in step.retrievals)
-            first = self.config.identify_first and not identified and only_images
+            first = self.config.identify_first and identified is None and only_images
             if entity is not None and (asked or first):
                 assert entity.title is not None
-                identified = just_identified = True
-                identified_item = entity
+                identified, just_identified = entity, True
                 step.sub_answer = entity.title
                 asked_text = action.sub_question if asked else IDENTIFY_QUESTION
                 self._note(
@@ -334,16 +333,16 @@ class R1RouterPolicy(Policy):
 
             if (
                 self.config.carry_identified
-                and identified_item is not None
+                and identified is not None
                 and step.retrievals
                 and not any(r.kb in image_kbs for r in step.retrievals)
             ):
-                evidence = [*evidence, identified_item]
+                evidence = [*evidence, identified]
                 self._note(
                     rt,
                     question,
                     step,
-                    f"the identified image item {identified_item.title!r} is shown with this "
+                    f"the identified image item {identified.title!r} is shown with this "
                     "step's evidence (carry_identified)",
                 )
             messages = prompts.sub_answer_messages(question, action.sub_question, evidence)
