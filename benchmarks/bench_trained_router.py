@@ -12,10 +12,19 @@ Stages (each resumable; re-run the same command to continue):
    ``--save-steps`` updates; an interrupted run resumes from the newest).
 3. ``export``: ``kbrouter.train.export.export_gguf`` (merge LoRA, llama.cpp's converter,
    ``--quant``), recording the prompt variant in the GGUF.
-4. ``eval``: the R1-Router loop (min_retrieval_steps=1, grammar, top-2, budget 3: the routing
+4. ``grpo`` / ``export-grpo``: teacher-forced Step-GRPO from the SFT run on the router steps
+   of the same data (bounded by ``--grpo-seconds``), and its export.
+5. ``grpo-onpolicy`` / ``export-grpo-onpolicy``: on-policy Step-GRPO from the SFT run:
+   ``--onpolicy-rounds`` rounds, each rolling the current checkpoint (exported to GGUF) out
+   through the engine on ``--onpolicy-questions`` training questions, labelling the states it
+   reached from the gold paths, and training ``--onpolicy-updates`` updates; and its export.
+6. ``eval``: the R1-Router loop (min_retrieval_steps=1, grammar, top-2, budget 3: the routing
    benchmark's settings) with each ``--models`` entry through llama.cpp; routing-only figures
    come from the same trajectories (hop-1 KB against the gold first KB, the share of questions
    whose router never retrieved).
+7. ``latency``: one first-step route call per question, alone (the few-shot and compact prompts
+   of the prompted model, each exported model with the prompt it was trained on).
+8. ``routing``: merges teacher-forced routing-only reports (``--routing-only``) into the rows.
 
 Writes ``summary.json`` and ``summary.md`` under ``--out``; runs go under ``--runs``.
 
@@ -105,6 +114,13 @@ def main() -> None:
     ap.add_argument("--grpo-generations", type=int, default=4, help="group size G")
     ap.add_argument("--grpo-prompts", type=int, default=2, help="step prompts per update")
     ap.add_argument("--grpo-max-completion", type=int, default=96)
+    ap.add_argument("--onpolicy-rounds", type=int, default=2, help="on-policy rounds")
+    ap.add_argument(
+        "--onpolicy-questions", type=int, default=24, help="training questions per round"
+    )
+    ap.add_argument(
+        "--onpolicy-updates", type=int, default=8, help="Step-GRPO updates per on-policy round"
+    )
     ap.add_argument(
         "--routing-only",
         action="append",
@@ -219,6 +235,17 @@ def main() -> None:
         export_gguf(grpo_dir / "final", grpo_gguf, quant=args.quant)
         print(f"export: {grpo_gguf} in {time.perf_counter() - t0:.0f} s")
 
+    onpolicy_dir = args.runs / "grpo-onpolicy"
+    if "grpo-onpolicy" in stages and not (onpolicy_dir / "final" / "kbrouter_train.json").is_file():
+        _step_grpo_on_policy(args, registry, steps_path, train, sft_dir / "final", onpolicy_dir)
+    onpolicy_gguf = args.runs / "router-grpo-onpolicy.gguf"
+    if "export-grpo-onpolicy" in stages and not onpolicy_gguf.is_file():
+        from kbrouter.train.export import export_gguf
+
+        t0 = time.perf_counter()
+        export_gguf(onpolicy_dir / "final", onpolicy_gguf, quant=args.quant)
+        print(f"export: {onpolicy_gguf} in {time.perf_counter() - t0:.0f} s")
+
     if "eval" in stages:
         _evaluate(args, registry, ds, val)
     if "latency" in stages:
@@ -241,19 +268,16 @@ def _lora(args):  # noqa: ANN001, ANN202
     )
 
 
-def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> None:  # noqa: ANN001
-    """Step-GRPO (teacher-forced, the paper's regime) from the SFT run on the router steps of
-    the same gold-path data: its own LoRA on the merged SFT model, the paper's reward (0.5
-    routing + 0.5 sub-question similarity, format-gated), ``--grpo-updates`` updates of
-    ``--grpo-prompts`` prompts x G completions, or fewer when ``--grpo-seconds`` runs out (a
-    bounded run); checkpoints every 4 updates (resumable)."""
+def _grpo_config(args, sft_final: Path, out: Path, **extra):  # noqa: ANN001, ANN202
+    """Both Step-GRPO stages' settings: its own LoRA on the merged SFT model, G completions at
+    T=1.0 for ``--grpo-prompts`` prompts per update, DAPO loss, group-scaled advantages, no KL,
+    the paper's reward (0.5 routing + 0.5 sub-question similarity, format-gated), router steps
+    only, checkpoints every 4 updates."""
     from kbrouter.train.config import StepGRPOConfig
-    from kbrouter.train.rewards import KBNames, RewardConfig
-    from kbrouter.train.step_grpo import train_step_grpo
-    from kbrouter.train.steps import read_steps
+    from kbrouter.train.rewards import RewardConfig
 
     g = args.grpo_generations
-    config = StepGRPOConfig(
+    return StepGRPOConfig(
         model=str(sft_final),
         output_dir=out,
         learning_rate=args.grpo_lr,
@@ -265,8 +289,6 @@ def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> 
         scale_rewards="group",
         per_device_train_batch_size=g,
         gradient_accumulation_steps=args.grpo_prompts,
-        max_steps=args.grpo_updates,
-        max_train_seconds=args.grpo_seconds,
         max_completion_length=args.grpo_max_completion,
         step_kinds=["ret"],
         rewards=RewardConfig.paper(),
@@ -276,10 +298,82 @@ def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> 
         use_cpu=True,
         lora=_lora(args),
         trl_overrides={"save_total_limit": 2},
+        **extra,
+    )
+
+
+def _step_grpo(args, registry, steps_path: Path, sft_final: Path, out: Path) -> None:  # noqa: ANN001
+    """Step-GRPO (teacher-forced, the paper's regime) from the SFT run on the router steps of
+    the same gold-path data: its own LoRA on the merged SFT model, the paper's reward (0.5
+    routing + 0.5 sub-question similarity, format-gated), ``--grpo-updates`` updates of
+    ``--grpo-prompts`` prompts x G completions, or fewer when ``--grpo-seconds`` runs out (a
+    bounded run); checkpoints every 4 updates (resumable)."""
+    from kbrouter.train.rewards import KBNames
+    from kbrouter.train.step_grpo import train_step_grpo
+    from kbrouter.train.steps import read_steps
+
+    config = _grpo_config(
+        args, sft_final, out, max_steps=args.grpo_updates, max_train_seconds=args.grpo_seconds
     )
     samples = read_steps(steps_path)
     result = train_step_grpo(samples, config, kb_names=KBNames(registry.infos), progress=True)
     print(f"Step-GRPO: {result.steps} updates in {result.seconds:.0f} s")
+
+
+def _step_grpo_on_policy(
+    args, registry, steps_path: Path, train, sft_final: Path, out: Path
+) -> None:  # noqa: ANN001, E501
+    """On-policy Step-GRPO from the SFT run: each round exports the current checkpoint to a
+    GGUF, rolls it out through the engine (the evaluation's settings: r1-router,
+    ``min_retrieval_steps=1``, top-k 2, 3 steps; T=1.0) on the next ``--onpolicy-questions``
+    training questions that have gold router steps (seeded order), labels the router steps the
+    policy reached with :class:`GoldRouteLabeler` (the first gold hop not searched yet, then a
+    stop) and trains ``--onpolicy-updates`` GRPO updates on them (the teacher-forced run's
+    settings). Finished rounds are kept when the stage is rerun."""
+    import asyncio
+
+    from kbrouter.policies.r1router import R1RouterPolicy
+    from kbrouter.train.config import OnPolicyConfig
+    from kbrouter.train.gold_paths import GoldRouteLabeler
+    from kbrouter.train.onpolicy import engine_rollout, gguf_rollout_model
+    from kbrouter.train.rewards import KBNames, StepRewarder
+    from kbrouter.train.step_grpo import train_step_grpo_on_policy
+    from kbrouter.train.steps import read_steps
+
+    labeler = GoldRouteLabeler.from_samples(read_steps(steps_path))
+    questions = [e for e in train if e.id in labeler.gold]
+    random.Random(args.seed).shuffle(questions)
+    config = _grpo_config(
+        args,
+        sft_final,
+        out,
+        on_policy=OnPolicyConfig(
+            enabled=True,
+            rounds=args.onpolicy_rounds,
+            questions_per_round=args.onpolicy_questions,
+            steps_per_round=args.onpolicy_updates,
+            rollout_temperature=1.0,
+            max_retrieval_steps=3,
+            top_k=2,
+        ),
+    )
+    rollout = engine_rollout(
+        registry,
+        config,
+        policy_factory=lambda: R1RouterPolicy(min_retrieval_steps=1),
+        model_factory=gguf_rollout_model(out / "rollout-gguf", quant=args.quant),
+        concurrency=2,
+    )
+    rewarder = StepRewarder(config.rewards, kb_names=KBNames(registry.infos))
+    result = asyncio.run(
+        train_step_grpo_on_policy(
+            questions, config, rollout, labeler=labeler, rewarder=rewarder, progress=True
+        )
+    )
+    print(
+        f"on-policy Step-GRPO: {result.steps} updates on {result.samples} step samples in "
+        f"{result.seconds:.0f} s; labels {dict(labeler.counts)}"
+    )
 
 
 def _training_info(run_final: Path) -> dict | None:
@@ -314,6 +408,7 @@ def _training_info(run_final: Path) -> dict | None:
         "kinds": info.get("kinds"),
         "router_prompt": info.get("router_prompt"),
         "result": info.get("result"),
+        "rounds": info.get("rounds"),
         "settings": {k: cfg[k] for k in keys if k in cfg},
     }
 
@@ -493,7 +588,7 @@ def _evaluate(args, registry, ds, val) -> None:  # noqa: ANN001
         if spec.startswith("gguf:"):  # a model exported by this script: gguf:sft, gguf:grpo
             run = spec.split(":", 1)[1]
             training = {"data": data_info}
-            for stage in ("sft", "grpo") if run == "grpo" else (run,):
+            for stage in ("sft", run) if run.startswith("grpo") else (run,):
                 training[stage] = _training_info(args.runs / stage / "final")
             spec = f"llama-cpp:{args.runs / f'router-{run}.gguf'}"
         run_dir = args.runs / f"eval-{name}"

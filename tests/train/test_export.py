@@ -223,3 +223,57 @@ def test_a_plain_peft_adapter_folder_names_its_base_in_its_config(tmp_path: Path
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="names no base model"):
         model_source(str(tmp_path))
+
+
+def test_gguf_rollouts_run_the_exported_checkpoint_in_the_engine(
+    lora_run: Path, tmp_path: Path
+) -> None:
+    """On-policy rollouts through llama.cpp: the round's checkpoint is exported once (the file
+    is reused by a resumed run), loaded by the llama.cpp backend with its recorded prompt
+    variant, and runs the R1-Router loop over real BM25 demo KBs."""
+    from kbrouter.config import load_registry_config
+    from kbrouter.eval.datasets import EvalExample
+    from kbrouter.kb.registry import KBRegistry
+    from kbrouter.models.llama_cpp import LlamaCppModel
+    from kbrouter.policies.prompts import detect_router_prompt
+    from kbrouter.testing import lexical_demo_config
+    from kbrouter.train.config import OnPolicyConfig, StepGRPOConfig
+    from kbrouter.train.onpolicy import engine_rollout, gguf_rollout_model
+    from kbrouter.types import Question
+
+    kb_dir = tmp_path / "kbs"
+    kb_dir.mkdir()
+    registry = KBRegistry.from_config(load_registry_config(lexical_demo_config(kb_dir)))
+    assert registry.build(progress=False).ok
+    config = StepGRPOConfig(
+        model=str(lora_run),
+        output_dir=tmp_path / "grpo",
+        on_policy=OnPolicyConfig(enabled=True, max_retrieval_steps=2, rollout_temperature=1.0),
+    )
+    made: list[LlamaCppModel] = []
+
+    def factory(spec: str) -> LlamaCppModel:
+        model = gguf_rollout_model(
+            tmp_path / "rollout-gguf", quant="q8_0", router_prompt="compact", n_threads=2
+        )(spec)
+        made.append(model)
+        return model
+
+    rollout = engine_rollout(registry, config, model_factory=factory, concurrency=2)
+    examples = [
+        EvalExample(
+            id="q1", question=Question(text="Who designed Brasília?"), golds=["x"], source="d"
+        )
+    ]
+    trajectories = asyncio.run(rollout(str(lora_run), examples))
+    (gguf,) = list((tmp_path / "rollout-gguf").glob("*.gguf"))
+    assert made[0].model_path == gguf and made[0].prompt_variant == "compact"
+    (traj,) = trajectories
+    calls = [c for s in traj.steps for c in s.route_calls]
+    assert calls and all(c.error is None for c in calls), traj.model_dump_json()[:500]
+    assert detect_router_prompt(calls[0].messages) == "compact"  # the variant in the file
+
+    written = gguf.stat().st_mtime_ns
+    asyncio.run(rollout(str(lora_run), examples))  # the same checkpoint: no second export
+    assert gguf.stat().st_mtime_ns == written and len(made) == 2
+    registry.close()

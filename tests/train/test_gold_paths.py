@@ -211,3 +211,86 @@ def test_first_hops_of_dropped_questions(mkqa_registry, dev: list[EvalExample]) 
         assert s.target.query == router_sub_question(ex.question.text)
         assert s.messages[0].text().startswith(compact)
         assert ex.question.text in s.messages[-1].text()
+
+
+def test_gold_route_labeler_labels_the_policys_own_states(
+    mkqa_registry,  # noqa: ANN001
+    dev: list[EvalExample],
+) -> None:
+    """On-policy states get the gold-path decision: the first gold hop not searched yet (with
+    its gold sub-question), then a stop; a wrong first KB is asked for the first gold hop
+    again. Sub-answer samples are dropped, final samples kept, and a question with only its
+    first hop known labels only the states before that hop was searched."""
+    import asyncio
+
+    from kbrouter.train.gold_paths import ON_POLICY_GOLD_ORIGIN, GoldRouteLabeler
+    from kbrouter.train.steps import RouteTarget, StepSample
+    from kbrouter.types import ChatMessage
+
+    flags = _source(dev, "template-flag-capital")[:3]
+    wtq = [e for e in _source(dev, "wtq") if e.id not in {f.id for f in flags}]
+    report = GoldPathBuilder(
+        mkqa_registry, top_k=2, router_prompt="compact", first_hops_of_dropped=True
+    ).build(flags + wtq[:25])
+    flag = next(e for e in flags if e.id in report.paths)
+    dropped = next(s for s in report.samples if s.origin == "gold-path-first-hop")
+    dropped_id = dropped.trajectory_id.split(":", 1)[1]
+    labeler = GoldRouteLabeler.from_samples(report.samples)
+    (kb1, sub1), (kb2, sub2) = report.paths[flag.id]
+    assert [t.retrievers for t in labeler.gold[flag.id]] == [[kb1], [kb2], []]
+    assert [t.query for t in labeler.gold[flag.id][:2]] == [sub1, sub2]
+    assert labeler.gold[dropped_id] == [dropped.target]
+
+    msg = [ChatMessage(role="user", content="state")]
+
+    def ret(tid: str, i: int, kbs: list[str]) -> StepSample:
+        target = RouteTarget(query="own?" if kbs else None, retrievers=kbs)
+        return StepSample(
+            step_type="ret", messages=msg, target=target, trajectory_id=tid, step_index=i
+        )
+
+    def ans(tid: str, i: int, final: bool) -> StepSample:
+        return StepSample(
+            step_type="ans",
+            final=final,
+            messages=msg,
+            target=["Canberra"] if final else "x",
+            trajectory_id=tid,
+            step_index=i,
+        )
+
+    flag_tid, dropped_tid = f"r0:{flag.id}", f"r0:{dropped_id}"
+    policy = [
+        ret(flag_tid, 0, ["text"]),  # wrong first KB
+        ans(flag_tid, 1, False),
+        ret(flag_tid, 2, [kb1]),
+        ret(flag_tid, 3, [kb2]),
+        ret(flag_tid, 4, []),  # the policy stops
+        ans(flag_tid, 5, True),
+        ret(dropped_tid, 0, list(dropped.target.retrievers)),
+        ret(dropped_tid, 1, ["text"]),  # past the known path
+        ret("r0:not-a-training-question", 0, ["text"]),
+    ]
+    out = asyncio.run(labeler(policy))
+    labelled = [(s.trajectory_id, s.step_index, s.kind) for s in out]
+    assert labelled == [
+        (flag_tid, 0, "ret"),
+        (flag_tid, 2, "ret"),
+        (flag_tid, 3, "ret"),
+        (flag_tid, 4, "ret"),
+        (flag_tid, 5, "final"),
+        (dropped_tid, 0, "ret"),
+    ]
+    routes = [s.target for s in out if s.kind == "ret"]
+    assert [t.retrievers for t in routes] == [[kb1], [kb1], [kb2], [], dropped.target.retrievers]
+    assert routes[0].query == sub1 and routes[2].query == sub2 and routes[3].is_stop
+    assert all(s.origin == ON_POLICY_GOLD_ORIGIN and s.response is None for s in out[:4])
+    assert out[4].target == ["Canberra"]
+    assert labeler.counts == {
+        "hop": 4,
+        "stop": 1,
+        "final": 1,
+        "sub_answer_dropped": 1,
+        "past_known_path": 1,
+        "unknown_question": 1,
+    }

@@ -177,3 +177,15 @@ def test_on_policy_loop_regenerates_prompts_each_round(
     assert seen == [str(tiny_model_dir), str(tmp_path / "op" / "round-0" / "final")]
     assert result.steps == 2 and result.samples == 4  # 2 final-answer prompts per round
     assert (tmp_path / "op" / "final" / "config.json").is_file()
+    info = json.loads((tmp_path / "op" / "final" / "kbrouter_train.json").read_text())
+    assert info["trainer"] == "step-grpo-on-policy"
+    assert [(r["round"], r["questions"], r["samples"], r["updates"]) for r in info["rounds"]] == [
+        (0, 2, 2, 1),
+        (1, 2, 2, 1),
+    ]
+    assert info["rounds"][1]["model"] == str(tmp_path / "op" / "round-0" / "final")
+
+    # a finished round is kept: a rerun (e.g. after an interruption) rolls out nothing again
+    again = asyncio.run(train_step_grpo_on_policy(examples, cfg, rollout))
+    assert len(seen) == 2
+    assert again.steps == 2 and again.samples == 4

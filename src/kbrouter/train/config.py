@@ -170,6 +170,9 @@ class OnPolicyConfig(_Cfg):
         1.0, ge=0, description="Sampling temperature of the policy during rollouts."
     )
     max_retrieval_steps: int = Field(3, gt=0, description="Engine retrieval budget per question.")
+    top_k: int = Field(
+        5, gt=0, description="Evidence items per KB shown in rollouts (use the evaluation's)."
+    )
 
 
 class StepGRPOConfig(_TrainCommon):

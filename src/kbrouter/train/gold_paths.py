@@ -421,3 +421,91 @@ def build_gold_paths(
 ) -> GoldPathReport:
     """:meth:`GoldPathBuilder.build` with a builder made from ``kwargs``."""
     return GoldPathBuilder(registry, **kwargs).build(examples)  # type: ignore[arg-type]
+
+
+ON_POLICY_GOLD_ORIGIN = "on-policy-gold"
+"""Origin of on-policy router samples relabelled by :class:`GoldRouteLabeler`."""
+
+
+def question_id(trajectory_id: str) -> str:
+    """The question id of a step sample's trajectory id: gold paths write
+    ``gold-path:<id>`` / ``gold-path-first-hop:<id>``, on-policy rounds ``r<round>:<id>``."""
+    prefix, sep, rest = trajectory_id.partition(":")
+    return rest if sep else prefix
+
+
+class GoldRouteLabeler:
+    """Labels the router steps of on-policy rollouts from gold paths (a ``LabelFn`` for
+    :func:`kbrouter.train.step_grpo.train_step_grpo_on_policy`).
+
+    The policy's own states (its history, its wrong turns) get the gold-path decision for that
+    state: the target of a router step is the first gold hop its trajectory has not searched
+    yet, with that hop's gold sub-question; once every gold hop is searched, a stop. A trajectory
+    that went to a wrong KB first is still asked for the first gold hop next; one that repeats a
+    covered KB is asked for the next hop.
+
+    ``gold`` maps a question id to its gold router targets in hop order, a stop last when the
+    whole path is known (a question with only its first hop known labels only states before the
+    first gold hop was searched). Samples are matched by :func:`question_id`. Router samples of
+    unknown questions or past the known path, and sub-answer samples (their target depends on
+    what the policy retrieved), are dropped; final samples keep their gold answers. ``counts``
+    says how many of each.
+    """
+
+    def __init__(self, gold: dict[str, list[RouteTarget]]) -> None:
+        self.gold = gold
+        self.counts: Counter[str] = Counter()
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[StepSample]) -> GoldRouteLabeler:
+        """From gold-path samples (:class:`GoldPathBuilder`): each trajectory's router targets
+        in step order. A question with a full gold path and a first-hop sample keeps the path."""
+        paths: dict[str, list[tuple[int, RouteTarget]]] = {}
+        full: set[str] = set()
+        for s in samples:
+            if s.step_type != "ret" or not isinstance(s.target, RouteTarget):
+                continue
+            qid = question_id(s.trajectory_id)
+            if s.origin == FIRST_HOP_ORIGIN and qid in full:
+                continue
+            if s.origin != FIRST_HOP_ORIGIN and qid not in full:
+                full.add(qid)
+                paths.pop(qid, None)  # a first-hop-only entry gives way to the full path
+            paths.setdefault(qid, []).append((s.step_index, s.target))
+        return cls(
+            {qid: [t for _, t in sorted(steps, key=lambda x: x[0])] for qid, steps in paths.items()}
+        )
+
+    async def __call__(self, samples: list[StepSample]) -> list[StepSample]:
+        out: list[StepSample] = []
+        by_traj: dict[str, list[StepSample]] = {}
+        for s in samples:
+            by_traj.setdefault(s.trajectory_id, []).append(s)
+        for tid, steps in by_traj.items():
+            gold = self.gold.get(question_id(tid))
+            covered = 0
+            for s in sorted(steps, key=lambda x: x.step_index):
+                if s.final:
+                    out.append(s)
+                    self.counts["final"] += 1
+                    continue
+                if s.step_type != "ret":
+                    self.counts["sub_answer_dropped"] += 1
+                    continue
+                if gold is None:
+                    self.counts["unknown_question"] += 1
+                    continue
+                if covered >= len(gold):
+                    self.counts["past_known_path"] += 1
+                    continue
+                target = gold[covered]
+                out.append(
+                    s.model_copy(
+                        update={"target": target, "response": None, "origin": ON_POLICY_GOLD_ORIGIN}
+                    )
+                )
+                self.counts["stop" if target.is_stop else "hop"] += 1
+                own = s.target if isinstance(s.target, RouteTarget) else RouteTarget()
+                if not target.is_stop and set(target.retrievers) <= set(own.retrievers):
+                    covered += 1
+        return out

@@ -4,11 +4,18 @@
 :func:`kbrouter.train.step_grpo.train_step_grpo_on_policy` calls each round: it loads the
 round's checkpoint with the transformers chat backend (``transformers:<folder>``) and runs the
 R1-Router policy over the KB registry with sampling at ``on_policy.rollout_temperature``.
+
+:func:`gguf_rollout_model` is the deployment-shaped alternative for CPU machines: each round's
+checkpoint is exported to a GGUF (:func:`kbrouter.train.export.export_gguf`, about a minute for
+the 0.5B) and rolled out by llama.cpp, several times faster than transformers generation. The
+rollouts only choose the states (step prompts) GRPO trains on; the completions GRPO scores are
+sampled from the training model itself, so a quantised rollout model does not bias the update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,6 +25,38 @@ if TYPE_CHECKING:
     from kbrouter.policies.base import Policy
     from kbrouter.train.config import StepGRPOConfig
     from kbrouter.types import Trajectory
+
+
+def gguf_rollout_model(
+    folder: str | Path,
+    *,
+    quant: str = "q4_k_m",
+    router_prompt: str | None = "auto",
+    n_threads: int | None = None,
+) -> Callable[[str], ChatModel]:
+    """A ``model_factory`` for :func:`engine_rollout`: exports each round's checkpoint to
+    ``<folder>/<checkpoint-name>-<hash>.gguf`` (reused when it is already there, so an
+    interrupted run resumes) and loads it with the llama.cpp backend. The router prompt variant
+    the checkpoint was trained with is recorded in the file (``router_prompt``, as in
+    :func:`~kbrouter.train.export.export_gguf`), so the engine builds that prompt."""
+    import hashlib
+
+    out_dir = Path(folder)
+
+    def make(spec: str) -> ChatModel:
+        from kbrouter.models.llama_cpp import LlamaCppModel
+        from kbrouter.train.export import export_gguf
+
+        path = Path(spec).resolve()
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        gguf = out_dir / f"{path.parent.name}-{path.name}-{digest}.gguf"
+        if not gguf.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            export_gguf(path, gguf, quant=quant, router_prompt=router_prompt)
+        kwargs = {} if n_threads is None else {"n_threads": n_threads}
+        return LlamaCppModel(gguf, **kwargs)
+
+    return make
 
 
 def engine_rollout(
@@ -39,8 +78,6 @@ def engine_rollout(
     op = config.on_policy
 
     def default_model(spec: str) -> ChatModel:
-        from pathlib import Path
-
         from kbrouter.models.registry import load_model
         from kbrouter.train.modeling import materialize_model
 
@@ -66,6 +103,7 @@ def engine_rollout(
             make_policy(),
             EngineConfig(
                 max_steps=op.max_retrieval_steps,
+                top_k=op.top_k,
                 concurrency=concurrency,
                 seed=config.seed,
                 sampling=SamplingParams(temperature=op.rollout_temperature, seed=config.seed),

@@ -207,6 +207,10 @@ async def train_step_grpo_on_policy(
     dropped: their target is unknown), then trains ``steps_per_round`` GRPO updates and saves
     ``<output_dir>/round-<r>``. The last round's checkpoint is also saved as ``final``.
     """
+    import shutil
+
+    from kbrouter.files import atomic_write_text
+    from kbrouter.train.run import read_run_info
     from kbrouter.train.synth import trajectory_to_samples
 
     if not examples:
@@ -214,53 +218,69 @@ async def train_step_grpo_on_policy(
     op = config.on_policy
     current = config.model
     history: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
     total_steps = 0
     total_samples = 0
     t0 = time.perf_counter()
     last: TrainResult | None = None
     for r in range(op.rounds):
-        start = (r * op.questions_per_round) % len(examples)
-        batch = [examples[(start + i) % len(examples)] for i in range(op.questions_per_round)]
-        trajectories = await rollout(current, batch)
-        samples: list[StepSample] = []
-        for ex, traj in zip(batch, trajectories, strict=True):
-            samples.extend(
-                trajectory_to_samples(
-                    traj, ex.golds, source=ex.source, trajectory_id=f"r{r}:{ex.id}"
-                )
-            )
-        if labeler is not None:
-            samples = await labeler(samples)
+        round_dir = Path(config.output_dir) / f"round-{r}"
+        done = _finished_round(round_dir)
+        if done is not None:  # an interrupted run resumes after its last finished round
+            last, record = done
+            logger.info("round %d already trained (%s): kept", r, last.checkpoint)
         else:
-            samples = [s for s in samples if s.final]
-        samples = select_kinds(samples, config.step_kinds)
-        if not samples:
-            logger.warning("round %d produced no usable step samples; skipping", r)
-            continue
-        round_cfg = config.model_copy(
-            update={
-                "model": current,
-                "output_dir": Path(config.output_dir) / f"round-{r}",
-                "max_steps": op.steps_per_round,
+            start = (r * op.questions_per_round) % len(examples)
+            batch = [examples[(start + i) % len(examples)] for i in range(op.questions_per_round)]
+            t_roll = time.perf_counter()
+            trajectories = await rollout(current, batch)
+            rollout_seconds = time.perf_counter() - t_roll
+            samples: list[StepSample] = []
+            for ex, traj in zip(batch, trajectories, strict=True):
+                samples.extend(
+                    trajectory_to_samples(
+                        traj, ex.golds, source=ex.source, trajectory_id=f"r{r}:{ex.id}"
+                    )
+                )
+            rolled = len(samples)
+            if labeler is not None:
+                samples = await labeler(samples)
+            else:
+                samples = [s for s in samples if s.final]
+            samples = select_kinds(samples, config.step_kinds)
+            record = {
+                "round": r,
+                "model": str(current),
+                "questions": len(batch),
+                "rollout_seconds": round(rollout_seconds, 1),
+                "rollout_samples": rolled,
+                "samples": len(samples),
+                "kinds": dict(Counter(s.kind for s in samples)),
+                "retrievals_per_question": sum(len(t.retrievals()) for t in trajectories)
+                / max(1, len(trajectories)),
             }
-        )
-        # each round trains on fresh rollouts: a folder left by an earlier attempt is retrained
-        last = train_step_grpo(
-            samples, round_cfg, rewarder=rewarder, progress=progress, resume=False
-        )
+            if not samples:
+                logger.warning("round %d produced no usable step samples; skipping", r)
+                rounds.append({**record, "skipped": True})
+                continue
+            round_cfg = config.model_copy(
+                update={"model": current, "output_dir": round_dir, "max_steps": op.steps_per_round}
+            )
+            # each round trains on fresh rollouts: a folder left half-trained is retrained
+            last = train_step_grpo(
+                samples, round_cfg, rewarder=rewarder, progress=progress, resume=False
+            )
+            atomic_write_text(round_dir / ROUND_FILE, json.dumps(record, indent=2))
         current = str(last.checkpoint)
         total_steps += last.steps
-        total_samples += len(samples)
+        total_samples += last.samples
         history.extend({**e, "round": r} for e in last.log_history)
+        rounds.append({**record, "updates": last.steps, "train_seconds": round(last.seconds, 1)})
     if last is None:
         raise DataError("no round produced trainable step samples")
     final = Path(config.output_dir) / "final"
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
-    import shutil
-
     shutil.copytree(last.checkpoint, final)
     result = TrainResult(
         checkpoint=final,
@@ -269,5 +289,37 @@ async def train_step_grpo_on_policy(
         seconds=time.perf_counter() - t0,
         log_history=history,
     )
-    write_run_info(final, config, result, {"trainer": "step-grpo-on-policy", "rounds": op.rounds})
+    write_run_info(
+        final,
+        config,
+        result,
+        {
+            "trainer": "step-grpo-on-policy",
+            "rounds": rounds,
+            "router_prompt": read_run_info(last.checkpoint).get("router_prompt"),
+        },
+    )
     return result
+
+
+ROUND_FILE = "kbrouter_round.json"
+"""Written into a finished on-policy round's folder: what its rollouts produced."""
+
+
+def _finished_round(round_dir: Path) -> tuple[TrainResult, dict[str, Any]] | None:
+    """A round whose GRPO run saved ``final`` and whose record was written, else None."""
+    from kbrouter.train.run import read_run_info
+
+    marker = round_dir / ROUND_FILE
+    info = read_run_info(round_dir / "final")
+    if not marker.is_file() or not info.get("result"):
+        return None
+    res = info["result"]
+    result = TrainResult(
+        checkpoint=round_dir / "final",
+        steps=int(res.get("steps", 0)),
+        samples=int(res.get("samples", 0)),
+        seconds=float(res.get("seconds", 0.0)),
+        log_history=list(res.get("log_history", [])),
+    )
+    return result, json.loads(marker.read_text())
