@@ -491,15 +491,22 @@ def _latency(args, registry, val) -> None:  # noqa: ANN001
     from kbrouter.types import SamplingParams
 
     questions = [e.question for e in val][: args.latency_questions]
-    cases = [("prompted-few-shot", None, "full"), ("prompted-compact", None, "compact")]
+    # (name, GGUF, router prompt, lazy grammar); "-full-mask": llama-cpp-python's own grammar
+    # sampler, which masks the whole vocabulary at every generated token
+    cases = [
+        ("prompted-few-shot", None, "full", True),
+        ("prompted-few-shot-full-mask", None, "full", False),
+        ("prompted-compact", None, "compact", True),
+    ]
     for pair in [p.strip() for p in args.models.split(",") if p.strip()]:
         name, _, spec = pair.partition("=")
         if spec.startswith("gguf:"):
-            run = spec.split(":", 1)[1]
-            cases.append((f"{name}-compact", args.runs / f"router-{run}.gguf", "compact"))
+            path = args.runs / f"router-{spec.split(':', 1)[1]}.gguf"
+            cases.append((f"{name}-compact", path, "compact", True))
+            cases.append((f"{name}-compact-full-mask", path, "compact", False))
     out: dict[str, dict] = {}
-    for name, path, variant in cases:
-        model = LlamaCppModel(path)
+    for name, path, variant, lazy in cases:
+        model = LlamaCppModel(path, lazy_grammar=lazy)
         builder = PromptBuilder(registry.infos, supports_images=False, router_prompt=variant)
         params = SamplingParams(
             temperature=0.0, max_tokens=256, grammar=builder.route_grammar(allow_stop=False)
@@ -525,6 +532,12 @@ def _latency(args, registry, val) -> None:  # noqa: ANN001
             "first_call_seconds": secs[0],
             "mean_prompt_tokens": sum(r[1] for r in res) / len(res),
             "mean_completion_tokens": sum(r[2] for r in res) / len(res),
+            "lazy_grammar": lazy,
+            "grammar_full_mask_share": (
+                model.grammar_stats["full_masks"] / model.grammar_stats["steps"]
+                if model.grammar_stats["steps"]
+                else None
+            ),
         }
         print(name, out[name], flush=True)
     summary_path = args.out / "summary.json"
@@ -535,8 +548,9 @@ def _latency(args, registry, val) -> None:  # noqa: ANN001
         v.setdefault("commit", (summary.get("route_latency") or {}).get("commit"))
     summary["route_latency"] = {
         "what": "one first-step route call per question (route grammar without the stop "
-        "branch, greedy, llama.cpp prefix cache on as in the engine), questions run one after "
-        "another on a quiet machine",
+        "branch, greedy, llama.cpp prefix cache on as in the engine; the backend's lazy grammar "
+        "check unless the case ends in -full-mask), questions run one after another on a quiet "
+        "machine",
         "questions": len(questions),
         **kept,
         **{k: {**v, "commit": _commit()} for k, v in out.items()},

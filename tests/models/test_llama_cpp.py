@@ -137,3 +137,40 @@ def test_identity_is_the_gguf_content_not_its_path_or_threads(tmp_path):
     b.write_bytes(b"GGUF" + b"\x01" * 1000)
     assert LlamaCppModel(b).identity() != ida
     assert LlamaCppModel(a, n_ctx=1024).identity() != ida  # context size changes outputs
+
+
+def test_lazy_grammar_is_the_full_mask_greedy_output(model: LlamaCppModel):
+    """Greedy grammar calls check the top token first and mask the vocabulary only when the
+    grammar refuses it: the replies are the ones llama-cpp-python's own grammar sampler gives,
+    on steps where the top token was allowed and on steps where it was not."""
+    from kbrouter.models.llama_cpp import LlamaCppConfig
+    from kbrouter.policies.prompts import answer_grammar
+
+    copy_stop = [
+        ChatMessage(role="system", content="Repeat the user's message exactly."),
+        ChatMessage(
+            role="user",
+            content="<think>done</think>\n<sub-question>None</sub-question>\n<ret>None</ret>",
+        ),
+    ]
+    cases = [
+        (QUESTION, 'root ::= "yes" | "no"'),  # the top token ("Paris") is refused
+        (QUESTION, answer_grammar()),
+        (copy_stop, route_grammar(["text", "tables"], allow_stop=False)),
+        (copy_stop, route_grammar(["text", "tables"], allow_stop=True)),
+    ]
+    reference = LlamaCppModel(config=LlamaCppConfig(n_ctx=512, lazy_grammar=False))
+    try:
+        for messages, grammar in cases:
+            params = SamplingParams(max_tokens=60, grammar=grammar)
+            before = dict(model.grammar_stats)
+            lazy = asyncio.run(model.chat(messages, params))
+            full = asyncio.run(reference.chat(messages, params))
+            assert lazy.text == full.text, grammar
+            assert lazy.completion_tokens == full.completion_tokens
+            assert model.grammar_stats["steps"] > before.get("steps", 0)
+    finally:
+        asyncio.run(reference.aclose())
+    assert not reference.grammar_stats  # lazy_grammar=False: llama-cpp-python's sampler
+    stats = model.grammar_stats
+    assert 0 < stats["full_masks"] < stats["steps"]  # both paths were taken

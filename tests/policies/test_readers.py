@@ -82,6 +82,8 @@ def test_a_failed_query_is_corrected_once_with_the_error():
     retry = traj.steps[0].read_calls[1].messages
     assert retry[-2].content == bad and "That query failed" in retry[-1].text()
     assert "Binder Error" in retry[-1].text() and "Champion" in retry[-1].text()
+    # the retry lists the table's real columns
+    assert 'using only these columns, in double quotes: t: "Year", "Winner"' in retry[-1].text()
     notes = [n for n in traj.steps[0].notes if n.startswith("table reader:")]
     assert "asking for a corrected query" in notes[0] and "-> 1 row(s)" in notes[1]
     assert "wins\n3" in traj.final_call.messages[-1].text()

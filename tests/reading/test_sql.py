@@ -128,3 +128,27 @@ def test_bare_multi_word_column_names_are_quoted(buses: Table):
     assert quote_columns("SELECT 'Fare Type', \"Fare Type\" FROM t", [buses]) == (
         "SELECT 'Fare Type', \"Fare Type\" FROM t"
     )
+
+
+def test_text_comparisons_ignore_case_unless_turned_off(countries: Table):
+    """Small models lower-case the values they compare with; the NOCASE collation still finds
+    the row (and counts, groups the same way), and the setting turns it off."""
+    lookup = 'SELECT "capital" FROM t WHERE "name" = \'australia\''
+    assert _one([countries], lookup) == [["Canberra"]]
+    europe = sum(1 for r in countries.rows if r[2] == "Europe")
+    assert _one([countries], "SELECT COUNT(*) FROM t WHERE \"region\" = 'EUROPE'") == [
+        [str(europe)]
+    ]
+    exact = SQLReaderConfig(case_insensitive=False)
+    assert run_sql([countries], lookup, exact).table.rows == []
+
+
+def test_column_list_names_every_table_and_column_as_queries_write_them(
+    buses: Table, countries: Table
+):
+    from kbrouter.reading.sql import column_list
+
+    listed = column_list([buses, countries])
+    assert listed.startswith("t1: ") and "; t2: " in listed
+    assert '"capital"' in listed and '"area_km2"' in listed
+    assert all(f'"{c}"' in listed for c in [" ".join(h.split()) for h in buses.header if h.strip()])

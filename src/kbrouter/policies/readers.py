@@ -17,7 +17,14 @@ import asyncio
 from typing import TYPE_CHECKING, Literal
 
 from kbrouter.errors import KBRouterError
-from kbrouter.reading.sql import SQLError, SQLReaderConfig, extract_sql, run_sql, sql_messages
+from kbrouter.reading.sql import (
+    SQLError,
+    SQLReaderConfig,
+    column_list,
+    extract_sql,
+    run_sql,
+    sql_messages,
+)
 from kbrouter.types import (
     ChatMessage,
     Evidence,
@@ -98,8 +105,8 @@ async def read_tables(
                 ChatMessage(
                     role="user",
                     content=f"That query failed: {e}. Write one corrected query for the same "
-                    "question, using only the listed columns in double quotes, inside "
-                    "<sql></sql>.",
+                    f"question, using only these columns, in double quotes: {column_list(whole)}. "
+                    "Reply inside <sql></sql>.",
                 ),
             ]
     n = len(result.table.rows)

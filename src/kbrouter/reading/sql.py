@@ -30,6 +30,7 @@ __all__ = [
     "SQLError",
     "SQLReaderConfig",
     "SQLResult",
+    "column_list",
     "extract_sql",
     "quote_columns",
     "run_sql",
@@ -55,6 +56,11 @@ class SQLReaderConfig(BaseModel):
     max_tokens: int = Field(160, gt=0, description="Token cap of the model's query.")
     retries: int = Field(
         1, ge=0, description="Re-asks with the error after a query that fails (self-correction)."
+    )
+    case_insensitive: bool = Field(
+        True,
+        description="Text comparisons, grouping and sorting ignore case (DuckDB's NOCASE "
+        "collation): small models write 'st. louis bombers' for 'St. Louis Bombers'.",
     )
 
 
@@ -206,7 +212,15 @@ def quote_columns(sql: str, tables: Sequence[Table]) -> str:
     return "".join(parts)
 
 
-def _connect(tables: Sequence[Table]):  # -> duckdb.DuckDBPyConnection
+def column_list(tables: Sequence[Table]) -> str:
+    """Each table's SQL name and its column names, quoted as a query must write them."""
+    return "; ".join(
+        f"{name}: " + ", ".join(_quote(c) for c in _columns(table))
+        for name, table in zip(table_names(tables), tables, strict=True)
+    )
+
+
+def _connect(tables: Sequence[Table], case_insensitive: bool = True):  # -> DuckDBPyConnection
     try:
         import duckdb
     except ImportError as e:  # pragma: no cover - the optional extra
@@ -219,6 +233,7 @@ def _connect(tables: Sequence[Table]):  # -> duckdb.DuckDBPyConnection
             "autoload_known_extensions": False,
             "threads": 1,
             "memory_limit": "256MB",
+            **({"default_collation": "nocase"} if case_insensitive else {}),
         },
     )
     for name, table in zip(table_names(tables), tables, strict=True):
@@ -273,7 +288,7 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         raise SQLError(f"only SELECT queries are run, not {statements[0].type.name}")
     t0 = time.perf_counter()
     try:
-        con = _connect(tables)
+        con = _connect(tables, cfg.case_insensitive)
     except duckdb.Error as e:
         raise SQLError(f"cannot load the table(s): {str(e).splitlines()[0][:200]}") from None
     timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
