@@ -120,6 +120,19 @@ def test_bad_inputs_give_clean_errors(tmp_path: Path, steps_file: Path) -> None:
     )
     assert res.exit_code == 2 and "divisible by num_generations" in res.output
 
+    # on-policy labelling and rollout options
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q9", "question": "Who?", "answers": ["x"]}) + "\n")
+    kbs = Path(__file__).resolve().parents[2] / "demo" / "kbs.toml"
+    base = ["train", "step-grpo", "--on-policy", "--model", "m", "--out", str(tmp_path / "op")]
+    base += ["--dataset", f"jsonl:{questions}", "--kbs", str(kbs)]
+    res = runner.invoke(app, [*base, "--gold-steps", data, "--teacher", "llama-cpp"])
+    assert res.exit_code == 2 and "pass one" in " ".join(res.output.split())
+    res = runner.invoke(app, [*base, "--rollout-backend", "vllm"])
+    assert res.exit_code == 2 and "unknown --rollout-backend 'vllm'" in " ".join(res.output.split())
+    res = runner.invoke(app, [*base, "--gold-steps", data])  # no question of the file has any
+    assert res.exit_code == 2 and "has gold steps in" in " ".join(res.output.split())
+
 
 def test_on_policy_loop_regenerates_prompts_each_round(
     tiny_model_dir: Path, tmp_path: Path

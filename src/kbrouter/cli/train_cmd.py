@@ -224,6 +224,19 @@ def step_grpo_command(
         None, "--teacher", help="On-policy: model spec that labels router/sub-answer steps."
     ),
     rounds: int | None = typer.Option(None, "--rounds", help="On-policy: rollout+train rounds."),
+    gold_steps: Path | None = typer.Option(
+        None,
+        "--gold-steps",
+        help="On-policy: label router steps from gold paths (`kbrouter train gold-paths` "
+        "output) instead of a teacher: the first gold hop not searched yet, then a stop; "
+        "only questions with gold steps are rolled out.",
+    ),
+    rollout_backend: str = typer.Option(
+        "transformers",
+        "--rollout-backend",
+        help="On-policy: run rollouts with 'transformers' (the checkpoint folder) or 'gguf' "
+        "(each round's checkpoint exported to GGUF and run by llama.cpp; faster on CPU).",
+    ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Shared data folder."),
 ) -> None:
     """Step-GRPO (TRL GRPOTrainer) on step prompts with step-type-specific rewards."""
@@ -272,7 +285,9 @@ def step_grpo_command(
         )
         rewarder = StepRewarder(cfg.rewards, kb_names=_kb_names(kbs))
         if cfg.on_policy.enabled:
-            result = _run_on_policy(cfg, rewarder, dataset, kbs, teacher, limit, data_dir)
+            result = _run_on_policy(
+                cfg, rewarder, dataset, kbs, teacher, limit, data_dir, gold_steps, rollout_backend
+            )
         else:
             if data is None:
                 raise ConfigError("--data is required (or use --on-policy with --dataset)")
@@ -295,29 +310,49 @@ def _run_on_policy(
     teacher: str | None,
     limit: int | None,
     data_dir: Path | None,
+    gold_steps: Path | None = None,
+    rollout_backend: str = "transformers",
 ) -> Any:
     from kbrouter.errors import ConfigError
     from kbrouter.eval.datasets import load_dataset, select_examples
     from kbrouter.kb.registry import KBRegistry
     from kbrouter.models.registry import load_model
-    from kbrouter.train.onpolicy import engine_rollout
+    from kbrouter.train.gold_paths import GoldRouteLabeler
+    from kbrouter.train.onpolicy import engine_rollout, gguf_rollout_model
     from kbrouter.train.step_grpo import train_step_grpo_on_policy
+    from kbrouter.train.steps import read_steps
     from kbrouter.train.synth import TeacherLabeler
 
     if dataset is None or kbs is None:
         raise ConfigError("--on-policy needs --dataset (training questions) and --kbs")
-    examples = select_examples(
-        load_dataset(dataset, data_dir=data_dir).examples, limit, seed=cfg.seed, stratify=True
-    )
-    registry = KBRegistry.from_config(kbs)
-    labeler = (
-        TeacherLabeler(load_model(teacher), rewarder.kb_names) if teacher is not None else None
-    )
-    if labeler is None:
-        err_console.print(
-            "[yellow]note:[/] no --teacher: only final-answer steps (gold targets) are trained"
+    if teacher is not None and gold_steps is not None:
+        raise ConfigError("--teacher and --gold-steps both label router steps: pass one")
+    if rollout_backend not in ("transformers", "gguf"):
+        raise ConfigError(
+            f"unknown --rollout-backend {rollout_backend!r}; expected 'transformers' or 'gguf'"
         )
-    rollout = engine_rollout(registry, cfg)
+    examples = load_dataset(dataset, data_dir=data_dir).examples
+    labeler: Any = None
+    if gold_steps is not None:
+        labeler = GoldRouteLabeler.from_samples(read_steps(gold_steps))
+        examples = [e for e in examples if e.id in labeler.gold]
+        if not examples:
+            raise ConfigError(f"no question of {dataset} has gold steps in {gold_steps}")
+    elif teacher is not None:
+        labeler = TeacherLabeler(load_model(teacher), rewarder.kb_names)
+    else:
+        err_console.print(
+            "[yellow]note:[/] no --teacher or --gold-steps: only final-answer steps (gold "
+            "targets) are trained"
+        )
+    examples = select_examples(examples, limit, seed=cfg.seed, stratify=True)
+    registry = KBRegistry.from_config(kbs)
+    factory = (
+        gguf_rollout_model(Path(cfg.output_dir) / "rollout-gguf")
+        if rollout_backend == "gguf"
+        else None
+    )
+    rollout = engine_rollout(registry, cfg, model_factory=factory)
     return asyncio.run(
         train_step_grpo_on_policy(
             examples, cfg, rollout, labeler=labeler, rewarder=rewarder, progress=True
