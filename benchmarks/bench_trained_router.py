@@ -755,13 +755,24 @@ def _write_md(path: Path, summary: dict) -> None:
                         else ""
                     )
                 )
-            for stage in ("sft", "grpo"):
+            for stage in ("sft", "grpo", "grpo-onpolicy"):
                 info = t.get(stage)
                 if info and info.get("result"):
                     r = info["result"]
+                    rounds = info.get("rounds") or []
+                    on_policy = (
+                        f"; {len(rounds)} rounds of "
+                        + " + ".join(str(x["questions"]) for x in rounds)
+                        + " rolled-out questions, rollouts "
+                        + " + ".join(f"{x['rollout_seconds']:.0f}" for x in rounds)
+                        + " s"
+                        if rounds
+                        else ""
+                    )
                     parts.append(
                         f"{stage}: {r['steps']} updates on {r['samples']} samples in "
-                        f"{r['seconds']:.0f} s (lr {info['settings'].get('learning_rate')})"
+                        f"{r['seconds']:.0f} s (lr {info['settings'].get('learning_rate')}"
+                        f"{on_policy})"
                     )
             gguf_type = summary["models"][name].get("gguf_file_type")
             if gguf_type:
