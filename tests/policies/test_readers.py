@@ -51,7 +51,7 @@ def test_single_kb_sql_reader_counts_over_the_whole_table():
     assert 'Table t ("Cup winners"): 4 rows' in read.messages[-1].text()  # both blocks
     final_prompt = traj.final_call.messages[-1].text()
     assert "Result of the SQL query SELECT COUNT(*) AS wins" in final_prompt
-    assert "wins\n3" in final_prompt
+    assert "Result: 3" in final_prompt and "wins\n3" not in final_prompt  # a value, no header
     assert "1993 | Team A" not in final_prompt  # the shown rows are replaced by the result
     assert any("table reader: SQL" in n and "-> 1 row(s)" in n for n in traj.steps[0].notes)
     assert traj.answer == "3"
@@ -86,7 +86,7 @@ def test_a_failed_query_is_corrected_once_with_the_error():
     assert 'using only these columns, in double quotes: t: "Year", "Winner"' in retry[-1].text()
     notes = [n for n in traj.steps[0].notes if n.startswith("table reader:")]
     assert "asking for a corrected query" in notes[0] and "-> 1 row(s)" in notes[1]
-    assert "wins\n3" in traj.final_call.messages[-1].text()
+    assert "Result: 3" in traj.final_call.messages[-1].text()
 
 
 def test_sql_reader_is_the_default_and_rows_make_no_extra_call():
@@ -116,7 +116,7 @@ def test_r1_router_loop_reads_tables_by_sql_before_the_sub_answer():
         "final",
     ]
     sub_prompt = traj.steps[0].answer_call.messages[-1].text()
-    assert "wins\n3" in sub_prompt
+    assert "Result: 3" in sub_prompt
     assert traj.answer == "3" and traj.config["table_reader"] == "sql"
 
 
@@ -239,7 +239,7 @@ def test_omnisearch_and_cogplanner_read_retrieved_tables_with_sql():
     assert [c.purpose for c in traj.model_calls()] == ["route", "read", "sub_answer", "route"]
     read = traj.steps[0].read_calls[0].messages[-1].text()
     assert "How many cups did Team A win?" in read
-    assert "wins\n3" in traj.steps[0].answer_call.messages[-1].text()
+    assert "Result: 3" in traj.steps[0].answer_call.messages[-1].text()
     assert traj.answer == "3"
 
     cog = [
@@ -253,5 +253,5 @@ def test_omnisearch_and_cogplanner_read_retrieved_tables_with_sql():
     traj = _run("cogplanner", cog, table_reader="sql")
     purposes = [c.purpose for c in traj.model_calls()]
     assert purposes == ["route", "route", "read", "route", "route", "final"]
-    assert "wins\n3" in traj.final_call.messages[-1].text()
+    assert "Result: 3" in traj.final_call.messages[-1].text()
     assert traj.answer == "3"

@@ -152,3 +152,15 @@ def test_column_list_names_every_table_and_column_as_queries_write_them(
     assert listed.startswith("t1: ") and "; t2: " in listed
     assert '"capital"' in listed and '"area_km2"' in listed
     assert all(f'"{c}"' in listed for c in [" ".join(h.split()) for h in buses.header if h.strip()])
+
+
+def test_a_single_value_result_is_written_without_its_header(countries: Table):
+    """``count_star()`` over a count: the 0.5B answered with the header; a single value is
+    written as ``Result: <value>``, larger results stay a table with their header."""
+    from kbrouter.reading.sql import result_text
+
+    count = run_sql([countries], "SELECT COUNT(*) FROM t WHERE \"region\" = 'Europe'").table
+    assert count.header == ["count_star()"]
+    assert result_text(count) == f"Result: {count.rows[0][0]}"
+    two = run_sql([countries], 'SELECT "name", "capital" FROM t WHERE "name" = \'Australia\'')
+    assert result_text(two.table) == two.table.render() and "capital" in result_text(two.table)

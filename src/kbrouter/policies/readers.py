@@ -22,7 +22,9 @@ from kbrouter.reading.sql import (
     SQLReaderConfig,
     column_list,
     extract_sql,
+    result_text,
     run_sql,
+    single_value,
     sql_messages,
 )
 from kbrouter.types import (
@@ -117,15 +119,17 @@ async def read_tables(
         f"table reader: SQL {result.sql!r} over {', '.join(docs)} -> {n} row(s) "
         f"({result.seconds * 1000:.0f} ms)",
     )
+    single = single_value(result.table) is not None
     titles = ", ".join(f'"{t.title}"' for t in whole if t.title) or ", ".join(docs)
     answer = Evidence(
         kb=tables[0].kb,
         id="sql:" + "+".join(docs),
         score=1.0,
-        text=f"{result.sql}\n{result.table.render()}",
+        # a single value is shown as "Result: <value>" (no table, so no header to copy)
+        text=result_text(result.table) if single else f"{result.sql}\n{result.table.render()}",
         title=f"Result of the SQL query {result.sql} over {titles}",
         modality=Modality.TABLE,
-        table=result.table,
+        table=None if single else result.table,
         metadata={"reader": "sql", "sql": result.sql, "doc_ids": docs},
     )
     # the queried tables' rows are replaced by the result; other evidence stays

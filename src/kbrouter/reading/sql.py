@@ -33,8 +33,10 @@ __all__ = [
     "column_list",
     "extract_sql",
     "quote_columns",
+    "result_text",
     "run_sql",
     "schema_text",
+    "single_value",
     "sql_messages",
     "table_names",
 ]
@@ -308,6 +310,21 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         con.close()
     out = Table(header=[str(h) for h in header], rows=[[_cell(v) for v in r] for r in rows])
     return SQLResult(sql=sql, table=out, seconds=time.perf_counter() - t0)
+
+
+def single_value(table: Table) -> str | None:
+    """The value of a one-row, one-column query result, else None."""
+    if len(table.rows) == 1 and len(table.header) == 1 and len(table.rows[0]) == 1:
+        return table.rows[0][0]
+    return None
+
+
+def result_text(table: Table) -> str:
+    """A query result as the model reads it. A single value is written as ``Result: <value>``
+    without its column header: under a header such as ``count_star()`` the 0.5B answered with
+    the header (30 of 200 wtq answers). Larger results are rendered as a table."""
+    value = single_value(table)
+    return table.render() if value is None else f"Result: {value}"
 
 
 def _cell(v: object) -> str:
