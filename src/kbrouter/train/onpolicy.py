@@ -35,10 +35,12 @@ def gguf_rollout_model(
     n_threads: int | None = None,
 ) -> Callable[[str], ChatModel]:
     """A ``model_factory`` for :func:`engine_rollout`: exports each round's checkpoint to
-    ``<folder>/<checkpoint-name>-<hash>.gguf`` (reused when it is already there, so an
-    interrupted run resumes) and loads it with the llama.cpp backend. The router prompt variant
-    the checkpoint was trained with is recorded in the file (``router_prompt``, as in
-    :func:`~kbrouter.train.export.export_gguf`), so the engine builds that prompt."""
+    ``<folder>/<checkpoint-name>-<hash>.gguf`` and loads it with the llama.cpp backend.
+
+    The hash covers the folder and its run info's time; an existing file is reused, so an
+    interrupted run resumes. The router prompt variant the checkpoint was trained with is
+    recorded in the file (``router_prompt``, as in :func:`~kbrouter.train.export.export_gguf`),
+    so the engine builds that prompt."""
     import hashlib
 
     out_dir = Path(folder)
@@ -48,7 +50,10 @@ def gguf_rollout_model(
         from kbrouter.train.export import export_gguf
 
         path = Path(spec).resolve()
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        # the run info's time too: a round retrained into the same folder is exported again
+        info = path / "kbrouter_train.json"
+        stamp = info.stat().st_mtime_ns if info.is_file() else 0
+        digest = hashlib.sha1(f"{path}:{stamp}".encode()).hexdigest()[:8]
         gguf = out_dir / f"{path.parent.name}-{path.name}-{digest}.gguf"
         if not gguf.is_file():
             out_dir.mkdir(parents=True, exist_ok=True)
