@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kbrouter.errors import DataError
+from kbrouter.files import atomic_write_text
 from kbrouter.train.config import StepGRPOConfig
 from kbrouter.train.modeling import (
     load_causal_lm,
@@ -43,6 +45,7 @@ from kbrouter.train.records import grpo_records, select_kinds
 from kbrouter.train.rewards import KBNames, StepRewarder, trl_reward_funcs
 from kbrouter.train.run import (
     TrainResult,
+    read_run_info,
     resume_checkpoint,
     router_prompt_record,
     trainer_callbacks,
@@ -207,10 +210,6 @@ async def train_step_grpo_on_policy(
     dropped: their target is unknown), then trains ``steps_per_round`` GRPO updates and saves
     ``<output_dir>/round-<r>``. The last round's checkpoint is also saved as ``final``.
     """
-    import shutil
-
-    from kbrouter.files import atomic_write_text
-    from kbrouter.train.run import read_run_info
     from kbrouter.train.synth import trajectory_to_samples
 
     if not examples:
@@ -308,8 +307,6 @@ ROUND_FILE = "kbrouter_round.json"
 
 def _finished_round(round_dir: Path) -> tuple[TrainResult, dict[str, Any]] | None:
     """A round whose GRPO run saved ``final`` and whose record was written, else None."""
-    from kbrouter.train.run import read_run_info
-
     marker = round_dir / ROUND_FILE
     info = read_run_info(round_dir / "final")
     if not marker.is_file() or not info.get("result"):
