@@ -66,6 +66,10 @@ def _commit() -> str:
         return "unknown"
 
 
+TRAINED = ("compact", "terse")
+"""Router prompt variants a trained router is run with (the one its GGUF records)."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--stages", default="steps,sft,export,eval")
@@ -76,6 +80,11 @@ def main() -> None:
         "--first-hops-of-dropped",
         action="store_true",
         help="steps: also the first router step of questions dropped for a retrieval miss",
+    )
+    ap.add_argument(
+        "--router-prompt",
+        default="compact",
+        help="steps: router prompt variant of the samples (compact or terse: the shorter reply)",
     )
     ap.add_argument("--kbs", type=Path, default=HERE / "mkqa_kbs.toml")
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "trained-router")
@@ -167,7 +176,7 @@ def main() -> None:
         report = GoldPathBuilder(
             registry,
             top_k=2,
-            router_prompt="compact",
+            router_prompt=args.router_prompt,
             first_hops_of_dropped=args.first_hops_of_dropped,
         ).build(train)
         write_steps(report.samples, steps_path)
@@ -178,6 +187,7 @@ def main() -> None:
                     "kept": report.kept,
                     "dropped": dict(report.dropped),
                     "first_hops_of_dropped": report.first_hops,
+                    "router_prompt": args.router_prompt,
                     "samples": report.counts(),
                     "seconds": round(time.perf_counter() - t0, 1),
                     "validation_ids": sorted(val_ids),
@@ -455,8 +465,9 @@ def _merge_routing_only(args) -> None:  # noqa: ANN001
     # at a time and is kept as route_seconds_e2e
     lat = summary.get("route_latency") or {}
     for name, row in summary["models"].items():
-        case = "prompted-few-shot" if name == "prompted" else f"{name}-compact"
-        if isinstance(lat.get(case), dict):
+        cases = ["prompted-few-shot"] if name == "prompted" else [f"{name}-{v}" for v in TRAINED]
+        case = next((c for c in cases if isinstance(lat.get(c), dict)), None)
+        if case is not None:
             if row.get("route_seconds") is not None and "route_seconds_e2e" not in row:
                 row["route_seconds_e2e"] = row["route_seconds"]
             row["route_seconds"] = lat[case]["mean_seconds_after_first"]
@@ -482,7 +493,8 @@ def _gguf_file_type(path: Path) -> str | None:
 def _latency(args, registry, val) -> None:  # noqa: ANN001
     """Seconds of one first-step route call (the engine's grammar, greedy, prefix cache on as
     in the engine) for: the prompted model with the few-shot prompt and with the compact
-    prompt, and each exported model of ``--models`` with the compact prompt it was trained on;
+    prompt, and each exported model of ``--models`` with the prompt variant recorded in its
+    GGUF (compact or terse, what it was trained on);
     run alone. Cases measured by earlier runs are kept."""
     import asyncio
 
@@ -502,8 +514,9 @@ def _latency(args, registry, val) -> None:  # noqa: ANN001
         name, _, spec = pair.partition("=")
         if spec.startswith("gguf:"):
             path = args.runs / f"router-{spec.split(':', 1)[1]}.gguf"
-            cases.append((f"{name}-compact", path, "compact", True))
-            cases.append((f"{name}-compact-full-mask", path, "compact", False))
+            variant = LlamaCppModel(path).prompt_variant or "compact"
+            cases.append((f"{name}-{variant}", path, variant, True))
+            cases.append((f"{name}-{variant}-full-mask", path, variant, False))
     out: dict[str, dict] = {}
     for name, path, variant, lazy in cases:
         model = LlamaCppModel(path, lazy_grammar=lazy)

@@ -70,6 +70,30 @@ def test_route_grammar_without_its_stop_branch_cannot_write_none(model: LlamaCpp
     assert "<ret>text" in result.text or "<ret>tables" in result.text
 
 
+def test_terse_route_grammar_parses_in_llama_cpp_and_its_replies_parse(model: LlamaCppModel):
+    """The terse router grammar is valid GBNF for llama.cpp; the packaged model, prompted with
+    the terse router prompt, replies without a think block, and the reply parses (a reply with
+    only ``<ret>`` searches with the question as asked)."""
+    from kbrouter.kb.base import KBInfo
+    from kbrouter.policies.prompts import PromptBuilder
+    from kbrouter.types import Modality, Question
+
+    kbs = [
+        KBInfo(name="text", description="Wikipedia passages.", modality=Modality.TEXT),
+        KBInfo(name="tables", description="Country tables.", modality=Modality.TABLE),
+    ]
+    builder = PromptBuilder(kbs, supports_images=False, router_prompt="terse")
+    question = Question(text="What is the capital of Australia?")
+    for allow_stop in (False, True):
+        params = SamplingParams(max_tokens=80, grammar=builder.route_grammar(allow_stop=allow_stop))
+        result = asyncio.run(model.chat(builder.route_messages(question, []), params))
+        assert "<think>" not in result.text and "<ret>" in result.text
+        action = builder.parse_route(result.text, lambda name: name, question)
+        assert action.is_stop or (action.sub_question and action.kbs[0] in {"text", "tables"})
+        if "<sub-question>" not in result.text and not action.is_stop:
+            assert action.sub_question == question.text
+
+
 def test_invalid_grammar_is_model_error(model: LlamaCppModel):
     """A grammar llama.cpp cannot parse raises ModelError instead of crashing the process."""
     with pytest.raises(ModelError, match="invalid GBNF grammar"):

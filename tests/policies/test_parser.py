@@ -227,3 +227,44 @@ def test_round_trip_well_formed(think: str, sub_q: str, kbs: list[str]):
 def test_round_trip_stop():
     """The stop action round-trips."""
     assert parse_route(format_route(RouteAction(think="ok")), resolve) == RouteAction(think="ok")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    question=SAFE_TEXT.filter(
+        lambda s: (
+            (
+                " ".join(s.split()).strip("[]\"'` .").lower()
+                not in {"none", "null", "n/a", "no", "nothing", ""}
+            )
+            and " ".join(s.split())[:1] not in "[\"'`"
+        )
+    ),
+    other=st.booleans(),
+    kb=st.sampled_from(["text", "tables", "images"]),
+)
+def test_terse_round_trip(question: str, other: bool, kb: str):
+    """The terse format: a search with the question as asked is ``<ret>KB</ret>`` alone, any
+    other sub-question keeps its tag, a stop is ``<ret>None</ret>``; parsing with the question
+    gives back the action."""
+    question = " ".join(question.split())
+    sub_q = "Which film is it?" if other else question
+    action = RouteAction(sub_question=sub_q, kbs=[kb])
+    text = format_route(action, terse=question)
+    assert "<think>" not in text
+    assert text.startswith("<sub-question>") == other
+    assert parse_route(text, resolve, question=question) == action
+    stop = format_route(RouteAction(), terse=question)
+    assert stop == "<ret>None</ret>"
+    assert parse_route(stop, resolve, question=question).is_stop
+
+
+def test_ret_alone_needs_the_question():
+    """Without the question (the full and compact formats) a missing sub-question tag is still
+    an error; the terse stop also parses in the long form."""
+    with pytest.raises(ModelOutputError, match="missing <sub-question>"):
+        parse_route("<ret>text</ret>", resolve)
+    long_stop = "<sub-question>None</sub-question>\n<ret>None</ret>"
+    assert parse_route(long_stop, resolve, question="Q?").is_stop
+    with pytest.raises(ModelOutputError, match="unknown|names no"):
+        parse_route("<ret>atlas</ret>", resolve, question="Q?")

@@ -111,3 +111,41 @@ def test_route_prompt_has_no_copyable_placeholder_before_the_first_hop(demo_kbs)
     assert not any(
         "none yet" in m.text().lower() for m in builder.route_messages(Question(text="Q?"), [])
     )
+
+
+def test_terse_prompt_has_no_examples_and_its_own_first_line():
+    """The terse prompt is the compact KB list with the terse reply format, no few-shot turns;
+    its messages are recognised as terse and give back the question as asked (also as TRL's
+    role/content dicts); other variants give no question."""
+    from kbrouter.policies.prompts import detect_router_prompt, terse_question
+
+    q = Question(text="Who  directed\nJaws?")
+    terse = PromptBuilder(KBS, supports_images=False, router_prompt="terse")
+    msgs = terse.route_messages(q, [Hop("Who directed Jaws?", "Steven Spielberg", ("wiki",))])
+    assert len(msgs) == 2
+    system = msgs[0].text()
+    assert "- wiki (text): Encyclopedia passages." in system
+    assert "<think>" not in system and "reply only <ret>" in system
+    assert detect_router_prompt(msgs) == "terse"
+    assert terse_question(msgs) == "Who directed Jaws?"
+    assert terse_question([{"role": m.role, "content": m.text()} for m in msgs]) == (
+        "Who directed Jaws?"
+    )
+    for variant in ("compact", "full"):
+        other = PromptBuilder(KBS, supports_images=False, router_prompt=variant)
+        assert detect_router_prompt(other.route_messages(q, [])) == variant
+        assert terse_question(other.route_messages(q, [])) is None
+    fix = terse.corrective_messages(msgs, "<think>x</think>", "no tag")[-1].text()
+    assert "<ret>None</ret> to stop" in fix and "<think>" not in fix
+
+
+def test_terse_grammar_has_no_think_block_and_a_short_stop():
+    """The terse grammar starts at the sub-question (optional) or the KB; its stop is
+    ``<ret>None</ret>``, left out without the stop branch."""
+    g = route_grammar(["wiki", "stats"], terse=True)
+    assert g.splitlines()[0] == "root ::= ( stop | go )"
+    assert 'stop ::= "<ret>None</ret>"' in g
+    assert 'go ::= ( "<sub-question>" subq "</sub-question>" nl )? "<ret>" kbs "</ret>"' in g
+    assert route_grammar(["wiki"], allow_stop=False, terse=True).splitlines()[0] == "root ::= go"
+    builder = PromptBuilder(KBS, supports_images=False, router_prompt="terse")
+    assert builder.route_grammar() == route_grammar(["wiki", "stats", "pics"], terse=True)

@@ -410,3 +410,40 @@ def test_router_prompt_follows_the_model_record(demo_kbs, model_cls, setting, ex
     else:
         assert len(first_route) > 2  # few-shot turns
         assert "question decomposition expert" in first_route[0].text()
+
+
+class TerseScriptedModel(ScriptedChatModel):
+    """A scripted model that records the terse router prompt (as an exported GGUF would)."""
+
+    @property
+    def prompt_variant(self) -> str | None:
+        return "terse"
+
+
+def test_terse_router_searches_with_the_question_as_asked_and_stops_with_ret_none(demo_kbs):
+    """A router trained on the terse reply format: ``<ret>KB</ret>`` alone searches that KB with
+    the question as asked, a sub-question tag searches with the sub-question, and
+    ``<ret>None</ret>`` stops. The grammar offered is the terse one (no think block)."""
+    question = "Which country is Canberra the capital of?"
+    script = Script(
+        routes=[
+            "<ret>text</ret>",
+            "<sub-question>Where is Canberra?</sub-question>\n<ret>tables</ret>",
+            "<ret>None</ret>",
+        ]
+    )
+    model = TerseScriptedModel(script, supports_grammar=True)
+    engine = Engine(model, demo_kbs, R1RouterPolicy(**PAPER_READING), EngineConfig(max_steps=3))
+    traj = engine.answer_sync(question)
+    assert traj.config["router_prompt_used"] == "terse"
+    searches = [(r.query.text, r.kb) for s in traj.steps for r in s.retrievals]
+    assert searches == [(question, "text"), ("Where is Canberra?", "tables")]
+    assert traj.steps[-1].action is not None and traj.steps[-1].action.is_stop
+    assert len(script.seen["route"]) == 3 and traj.stop_reason == "answered"
+    first = script.seen["route"][0]
+    assert len(first) == 2  # no few-shot turns
+    assert first[0].text().startswith("Answer the question one retrieval at a time. Reply with")
+    grammar = model.requests[0][1].grammar  # min_retrieval_steps=1: no stop branch at hop 1
+    assert grammar == route_grammar(["text", "tables", "images"], allow_stop=False, terse=True)
+    assert "<think>" not in grammar
+    assert model.requests[-2][1].grammar == route_grammar(["text", "tables", "images"], terse=True)

@@ -294,3 +294,29 @@ def test_gold_route_labeler_labels_the_policys_own_states(
         "past_known_path": 1,
         "unknown_question": 1,
     }
+
+
+def test_terse_gold_paths_train_the_short_reply(dev: list[EvalExample], mkqa_registry) -> None:  # noqa: ANN001
+    """With the terse router prompt the same gold paths give SFT targets without a think
+    block: a hop that searches with the question as asked is ``<ret>KB</ret>`` alone, an
+    anchored hop keeps its sub-question, and the stop is ``<ret>None</ret>``."""
+    from kbrouter.policies.prompts import detect_router_prompt
+    from kbrouter.train.records import sft_records
+
+    terse = GoldPathBuilder(mkqa_registry, top_k=2, router_prompt="terse")
+    questions = _source(dev, "template-flag-capital")[:3]
+    report = terse.build(questions)
+    assert report.kept >= 2, report.dropped
+    first_id = next(iter(report.paths))
+    samples = [s for s in report.samples if s.trajectory_id == f"gold-path:{first_id}"]
+    assert all(detect_router_prompt(s.messages) == "terse" for s in samples)
+    replies = [r["completion"][0]["content"] for r in sft_records(samples)]
+    (_, sub1), (_, sub2) = report.paths[first_id]
+    assert replies == [
+        "<ret>image</ret>",
+        f"<sub-question>{sub2}</sub-question>\n<ret>table</ret>",
+        "<ret>None</ret>",
+    ]
+    # the targets are the compact builder's: only the rendering differs
+    compact = GoldPathBuilder(mkqa_registry, top_k=2, router_prompt="compact").build(questions)
+    assert [s.target for s in compact.samples] == [s.target for s in report.samples]

@@ -25,7 +25,7 @@ from kbrouter.train.rewards import (
     trl_reward_funcs,
 )
 from kbrouter.train.steps import RouteTarget
-from kbrouter.types import Modality
+from kbrouter.types import Modality, Question
 
 ROUTE_TEXT = (
     "<think>need the director</think>\n<sub-question>Who directed Jaws?</sub-question>\n"
@@ -206,3 +206,38 @@ def test_targets_naming_kbs_unknown_to_the_rewarder_are_a_clear_error():
     KBNames().check_targets([sample(["Text Retriever"])])  # the paper's names by default
     with pytest.raises(ConfigError, match="does not know: 'passages'"):
         train_step_grpo([sample(["passages"])], StepGRPOConfig(model="unused", output_dir="unused"))
+
+
+def test_terse_router_replies_are_scored_with_the_question_of_their_prompt(minilm) -> None:
+    """Steps built with the terse router prompt may reply ``<ret>KB</ret>`` alone (a search with
+    the question as asked) or ``<ret>None</ret>`` (a stop): the TRL reward reads the question
+    from the prompt column, so both parse and earn the routing reward; the same reply to a
+    compact prompt is a format failure."""
+    from kbrouter.policies.prompts import PromptBuilder
+    from kbrouter.train.records import message_dict
+
+    kbs = [KBInfo(name="text retriever", description="Passages.", modality=Modality.TEXT)]
+    question = "Who directed Jaws?"
+
+    def prompt(variant: str) -> list[dict[str, str]]:
+        builder = PromptBuilder(kbs, supports_images=False, router_prompt=variant)
+        return [message_dict(m) for m in builder.route_messages(Question(text=question), [])]
+
+    rw = StepRewarder(RewardConfig(format_weight=0.1), encoder=minilm)
+    funcs, _ = trl_reward_funcs(rw, terms=["format", "routing", "similarity"])
+    targets = [
+        RouteTarget(query=question, retrievers=["text retriever"]),
+        RouteTarget(query=None, retrievers=[]),
+        RouteTarget(query=question, retrievers=["text retriever"]),
+    ]
+    replies = ["<ret>text retriever</ret>", "<ret>None</ret>", "<ret>text retriever</ret>"]
+    kwargs = {
+        "prompts": [prompt("terse"), prompt("terse"), prompt("compact")],
+        "completions": [[{"role": "assistant", "content": r}] for r in replies],
+        "step_type": ["ret", "ret", "ret"],
+        "target": [encode_target(t) for t in targets],
+    }
+    fmt, routing, similarity = (f(**kwargs) for f in funcs)
+    assert fmt == [1.0, 1.0, 0.0]
+    assert routing[:2] == [1.0, 1.0]
+    assert similarity[0] == pytest.approx(1.0, abs=1e-5)  # the sub-question is the question

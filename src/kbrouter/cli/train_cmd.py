@@ -395,7 +395,7 @@ def synth_command(
     router_prompt: str = typer.Option(
         "full",
         "--router-prompt",
-        help="Router prompt variant the teacher sees (and the samples carry): full|compact.",
+        help="Router prompt variant the teacher sees (and the samples carry): full|compact|terse.",
     ),
     exclude: Path | None = typer.Option(
         None,
@@ -528,7 +528,9 @@ def gold_paths_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out subset."),
     top_k: int = typer.Option(2, "--top-k", min=1, help="Evidence shown per KB (engine top-k)."),
     router_prompt: str = typer.Option(
-        "compact", "--router-prompt", help="Router prompt variant of the samples: compact|full."
+        "compact",
+        "--router-prompt",
+        help="Router prompt variant of the samples: compact|terse|full.",
     ),
     first_hops_of_dropped: bool = typer.Option(
         False,

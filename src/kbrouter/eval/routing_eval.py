@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from kbrouter.models.base import ChatModel
-from kbrouter.policies.parser import parse_route
 from kbrouter.policies.prompts import ROUTER_PROMPTS, Hop, PromptBuilder
 from kbrouter.routing.data import RouteSample
 from kbrouter.routing.metrics import routing_scores
@@ -161,8 +160,8 @@ async def predict_llm_router(
 
     ``done`` holds decisions already made (resume); ``on_done(index, decision, seconds)`` is
     called after each new call. Returns the decisions and the seconds of each new call.
-    ``router_prompt``: ``full``, ``compact``, or ``auto`` (the variant the model records it was
-    trained with, else ``full``), as in the R1-Router policy.
+    ``router_prompt``: ``full``, ``compact``, ``terse``, or ``auto`` (the variant the model
+    records it was trained with, else ``full``), as in the R1-Router policy.
     """
     if router_prompt == "auto":
         recorded = model.prompt_variant
@@ -217,7 +216,7 @@ async def predict_llm_router(
             text = f"(model call failed: {e})"
         sec = time.perf_counter() - t0
         try:
-            action = parse_route(text, resolve)
+            action = prompts.parse_route(text, resolve, question)
             label = NONE_LABEL if action.is_stop else action.kbs[0]
         except Exception:
             label = INVALID_LABEL

@@ -6,6 +6,14 @@ Router output::
     <sub-question>one atomic question, or None</sub-question>
     <ret>one KB name (or several, comma-separated), or None</ret>
 
+The ``terse`` router format (trained routers, :data:`~kbrouter.policies.prompts.ROUTER_PROMPTS`)
+drops the think block and lets a search with the question as asked (and a stop) skip the
+sub-question tag::
+
+    <ret>one KB name, or None</ret>
+
+(:func:`parse_route` with ``question=`` reads it; :func:`format_route` with ``terse=`` writes it.)
+
 Answer output::
 
     <think>...</think><answer>the answer</answer>
@@ -88,7 +96,9 @@ def parse_think(text: str) -> str:
     return _clean(found[0]) if found else ""
 
 
-def parse_route(text: str, resolve: Callable[[str], str]) -> RouteAction:
+def parse_route(
+    text: str, resolve: Callable[[str], str], *, question: str | None = None
+) -> RouteAction:
     """Parse a router output into a :class:`RouteAction`.
 
     Args:
@@ -96,6 +106,8 @@ def parse_route(text: str, resolve: Callable[[str], str]) -> RouteAction:
         resolve: maps a KB name or alias to its canonical name, raising
             :class:`~kbrouter.errors.UnknownKBError` for unknown names (e.g.
             ``Runtime.resolve_kb``).
+        question: the question as asked, for the ``terse`` format: an output with a ``<ret>``
+            tag but no ``<sub-question>`` tag searches with it (None: the tag is required).
 
     Raises:
         ModelOutputError: no ``<sub-question>`` or ``<ret>`` tag, an empty sub-question, an
@@ -107,6 +119,11 @@ def parse_route(text: str, resolve: Callable[[str], str]) -> RouteAction:
     think = _clean(think_found[0]) if think_found else ""
     after_think = think_found[1] if think_found else 0
     sq = _find(text, "sub-question", after_think) or _find(text, "sub-question")
+    if sq is None and question is not None and question.strip():
+        ret_only = _find(text, "ret", after_think)
+        if ret_only is not None:
+            # terse: <ret>KB</ret> alone searches with the question as asked (None: stop)
+            sq = (question if not _is_none(ret_only[0]) else "None", after_think)
     if sq is None:
         if _open("answer").search(text):
             raise ModelOutputError(
@@ -191,9 +208,20 @@ def parse_answer(text: str, *, strict: bool = False) -> str:
     return _clean(strip_tags(body))
 
 
-def format_route(action: RouteAction) -> str:
+def format_route(action: RouteAction, *, terse: str | None = None) -> str:
     """Render a :class:`RouteAction` in the router's output format (inverse of
-    :func:`parse_route` for well-formed actions; used for few-shot examples)."""
+    :func:`parse_route` for well-formed actions; used for few-shot examples and training
+    targets).
+
+    ``terse``: the question as asked, for the ``terse`` format: no think block, and no
+    sub-question tag for a stop (``<ret>None</ret>``) or when the sub-question is that question
+    (compared with whitespace collapsed)."""
     sub_q = action.sub_question if action.sub_question is not None else "None"
     ret = ", ".join(action.kbs) if action.kbs else "None"
-    return f"<think>{action.think}</think>\n<sub-question>{sub_q}</sub-question>\n<ret>{ret}</ret>"
+    if terse is None:
+        return (
+            f"<think>{action.think}</think>\n<sub-question>{sub_q}</sub-question>\n<ret>{ret}</ret>"
+        )
+    if action.sub_question is None or " ".join(sub_q.split()) == " ".join(terse.split()):
+        return f"<ret>{ret}</ret>"
+    return f"<sub-question>{sub_q}</sub-question>\n<ret>{ret}</ret>"

@@ -7,7 +7,9 @@ Three prompts, each ``system`` (+ fixed few-shot turns) followed by ONE variable
   stop example (the 0.5B model keeps the tag format only with them). The ``compact`` variant
   (:data:`ROUTER_PROMPTS`) is a short format statement and the KB list with no examples: the
   prompt a trained router is fine-tuned on (it needs no examples, and every route call gets
-  cheaper);
+  cheaper). The ``terse`` variant is the compact prompt with a shorter reply: no think block,
+  a search with the question as asked is only ``<ret>KB</ret>`` and a stop ``<ret>None</ret>``
+  (fewer generated tokens, which are most of a trained router's route call on a CPU);
 - **sub-answer**: the top-k evidence, tagged by KB (passages, compact tables, image captions),
   and the sub-question (+ the question's image when the backend sees images);
 - **final answer**: the question (+ image) and the full history of sub-questions and answers.
@@ -22,12 +24,12 @@ KB names or ``None``) for backends that enforce grammars.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
-from kbrouter.policies.parser import format_route
+from kbrouter.policies.parser import format_route, parse_route
 from kbrouter.types import (
     ChatMessage,
     ContentPart,
@@ -43,6 +45,7 @@ from kbrouter.types import (
 __all__ = [
     "ROUTER_PROMPTS",
     "detect_router_prompt",
+    "terse_question",
     "Hop",
     "PromptBuilder",
     "load_prompt",
@@ -53,24 +56,59 @@ __all__ = [
 ]
 
 
-ROUTER_PROMPTS = ("full", "compact")
+ROUTER_PROMPTS = ("full", "compact", "terse")
 """Router prompt variants: ``full`` (the decomposition rules, with few-shot turns unless
-``few_shot`` is off) and ``compact`` (format + KB list, no examples; for trained routers)."""
+``few_shot`` is off), ``compact`` (format + KB list, no examples; for trained routers) and
+``terse`` (the compact prompt with the terse reply format: no think block, and no sub-question
+tag to stop or to search with the question as asked; for trained routers)."""
 
-RouterPrompt = Literal["full", "compact"]
+RouterPrompt = Literal["full", "compact", "terse"]
+
+_ROUTER_SYSTEM = {
+    "full": "router_system",
+    "compact": "router_compact_system",
+    "terse": "router_terse_system",
+}
 
 
 def detect_router_prompt(messages: Sequence[ChatMessage]) -> RouterPrompt | None:
-    """Which router prompt variant a router step's messages were built with: ``compact`` or
-    ``full`` (by the first line of the system prompt, which the variants do not share), or
-    None when the messages carry neither (e.g. the paper's released step file)."""
+    """Which router prompt variant a router step's messages were built with: ``compact``,
+    ``terse`` or ``full`` (by the first line of the system prompt, which the variants do not
+    share), or None when the messages carry none (e.g. the paper's released step file)."""
     if not messages or messages[0].role != "system" or not isinstance(messages[0].content, str):
         return None
     first = messages[0].content.lstrip().split("\n", 1)[0].strip()
-    for variant, name in (("compact", "router_compact_system"), ("full", "router_system")):
+    for variant, name in _ROUTER_SYSTEM.items():
         if first and first == load_prompt(name).lstrip().split("\n", 1)[0].strip():
             return variant  # type: ignore[return-value]
     return None
+
+
+def terse_question(messages: Sequence[ChatMessage] | Sequence[Mapping[str, Any]]) -> str | None:
+    """The question as asked of a ``terse`` router step's messages (what a reply without a
+    sub-question searches with), else None. Reads the ``Question:`` line the builder writes
+    first in the user turn; takes :class:`ChatMessage` objects or role/content dicts (TRL's
+    prompt column)."""
+    msgs = [
+        m if isinstance(m, ChatMessage) else ChatMessage(role=m["role"], content=m["content"])
+        for m in messages
+        if isinstance(m, ChatMessage) or (isinstance(m, Mapping) and "role" in m)
+    ]
+    if detect_router_prompt(msgs) != "terse":
+        return None
+    user = next((m for m in reversed(msgs) if m.role == "user"), None)
+    if user is None:
+        return None
+    content = user.content
+    text = (
+        content
+        if isinstance(content, str)
+        else "".join(p.text for p in content if isinstance(p, TextPart))
+    )
+    first = text.lstrip().split("\n", 1)[0]
+    if not first.startswith("Question:"):
+        return None
+    return first[len("Question:") :].strip() or None
 
 
 def load_prompt(name: str) -> str:
@@ -266,12 +304,12 @@ class PromptBuilder:
             tag format only with them).
         answer_few_shot: add one example each to the sub-answer and final prompts (off by
             default: the 0.5B model was seen copying the example's answer).
-        router_prompt: ``full`` or ``compact`` (see :data:`ROUTER_PROMPTS`; ``compact`` never
-            has few-shot turns).
+        router_prompt: ``full``, ``compact`` or ``terse`` (see :data:`ROUTER_PROMPTS`; only
+            ``full`` has few-shot turns).
         identified_note: once a hop of the history identified the question's image
             (:attr:`Hop.identified`), the ``full`` route prompt says what the image shows
             (:func:`identified_image_note`) instead of asking to identify it. The ``compact``
-            prompt keeps its text: trained routers were fine-tuned on it.
+            and ``terse`` prompts keep their text: trained routers were fine-tuned on it.
     """
 
     def __init__(
@@ -304,12 +342,12 @@ class PromptBuilder:
 
     def router_system_prompt(self) -> str:
         kb_list = "\n".join(f"- {kb.name}: {' '.join(kb.description.split())}" for kb in self.kbs)
-        if self.router_prompt == "compact":
+        if self.router_prompt != "full":
             kb_list = "\n".join(
                 f"- {kb.name} ({kb.modality.value}): {' '.join(kb.description.split())}"
                 for kb in self.kbs
             )
-            return load_prompt("router_compact_system").format(kb_list=kb_list)
+            return load_prompt(_ROUTER_SYSTEM[self.router_prompt]).format(kb_list=kb_list)
         guidance = []
         for modality, what in _GUIDANCE.items():
             names = [kb.name for kb in self.kbs if kb.modality == modality]
@@ -325,7 +363,7 @@ class PromptBuilder:
         parts = [f"Question: {' '.join(text.split())}"]
         if has_image and not self.supports_images:
             entity = next((h.answer for h in history if h.identified and h.answer.strip()), None)
-            if entity is not None and self.identified_note and self.router_prompt != "compact":
+            if entity is not None and self.identified_note and self.router_prompt == "full":
                 parts.append(identified_image_note(entity))
             else:
                 parts.append(image_note(self.kbs, "route"))
@@ -340,7 +378,7 @@ class PromptBuilder:
 
     def _build_route_prefix(self) -> list[ChatMessage]:
         msgs = [ChatMessage(role="system", content=self.router_system_prompt())]
-        if not self.few_shot or self.router_prompt == "compact":
+        if not self.few_shot or self.router_prompt != "full":
             return msgs
         # The stop example comes first: small models copy the most recent example most.
         q, hist, think = _STOP_EXAMPLE
@@ -368,10 +406,20 @@ class PromptBuilder:
     ) -> list[ChatMessage]:
         """``messages`` + the rejected reply + a user turn naming the problem."""
         names = ", ".join(kb.name for kb in self.kbs)
+        if self.router_prompt == "terse":
+            shape = (
+                "<sub-question>one question</sub-question><ret>a knowledge base name</ret>, "
+                "or only <ret>a knowledge base name</ret> to search with the question as asked, "
+                "or <ret>None</ret> to stop"
+            )
+        else:
+            shape = (
+                "<think>your reasoning</think><sub-question>one question, or None"
+                "</sub-question><ret>a knowledge base name, or None</ret>"
+            )
         fix = (
             f"Your reply could not be used: {problem}. Reply again in exactly this format: "
-            "<think>your reasoning</think><sub-question>one question, or None</sub-question>"
-            f"<ret>a knowledge base name, or None</ret>. The knowledge base names are: {names}."
+            f"{shape}. The knowledge base names are: {names}."
         )
         return [
             *messages,
@@ -466,9 +514,18 @@ class PromptBuilder:
     def route_grammar(
         self, *, allow_stop: bool = True, kb_names: Sequence[str] | None = None
     ) -> str:
-        """The router grammar over this builder's KBs (or only ``kb_names``)."""
+        """The router grammar over this builder's KBs (or only ``kb_names``), in the reply format
+        of this builder's router prompt."""
         names = list(kb_names) if kb_names is not None else [kb.name for kb in self.kbs]
-        return route_grammar(names, allow_stop=allow_stop)
+        return route_grammar(names, allow_stop=allow_stop, terse=self.router_prompt == "terse")
+
+    def parse_route(
+        self, text: str, resolve: Callable[[str], str], question: Question
+    ) -> RouteAction:
+        """:func:`~kbrouter.policies.parser.parse_route` for this builder's reply format (the
+        ``terse`` format may leave out the sub-question: the question as asked)."""
+        terse = question.text if self.router_prompt == "terse" else None
+        return parse_route(text, resolve, question=terse)
 
 
 #: longest reasoning an answer reply may carry under :func:`answer_grammar`
@@ -500,11 +557,14 @@ def _gbnf_literal(s: str) -> str:
 THINK_CHARS = 400
 
 
-def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True) -> str:
+def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True, terse: bool = False) -> str:
     """A GBNF grammar for the router output: think, then either ``None``/``None`` (only if
     ``allow_stop``) or one sub-question ending in ``?`` (so a bare ``None`` cannot pair with a
     KB name; without the stop branch it may not start with ``None`` or a space either) and one or
-    more comma-separated KB names from ``kb_names``."""
+    more comma-separated KB names from ``kb_names``.
+
+    ``terse``: the ``terse`` reply format: no think block, the sub-question tag is optional
+    (without it the search uses the question as asked), and a stop is ``<ret>None</ret>``."""
     if not kb_names:
         raise ValueError("route_grammar needs at least one KB name")
     kb_alts = " | ".join(_gbnf_literal(n) for n in kb_names)
@@ -514,12 +574,16 @@ def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True) -> str:
     not_none = '( [^<\\n\\t\\r?N ] | "N" [^o<\\n?] | "No" [^n<\\n?] | "Non" [^e<\\n?] )'
     subq = '[^<\\n?]{1,200} "?"' if allow_stop else f'{not_none} [^<\\n?]{{0,196}} "?"'
 
+    root = f"root ::= {branches}" if terse else f'root ::= "<think>" think "</think>" nl {branches}'
+    sub = '"<sub-question>" subq "</sub-question>" nl'
     return "\n".join(
         [
-            f'root ::= "<think>" think "</think>" nl {branches}',
+            root,
             f"think ::= [^<]{{0,{THINK_CHARS}}}",
-            'stop ::= "<sub-question>None</sub-question>" nl "<ret>None</ret>"',
-            'go ::= "<sub-question>" subq "</sub-question>" nl "<ret>" kbs "</ret>"',
+            'stop ::= "<ret>None</ret>"'
+            if terse
+            else 'stop ::= "<sub-question>None</sub-question>" nl "<ret>None</ret>"',
+            f'go ::= {f"( {sub} )?" if terse else sub} "<ret>" kbs "</ret>"',
             f"subq ::= {subq}",
             'kbs ::= kb ( ", " kb )*',
             f"kb ::= {kb_alts}",

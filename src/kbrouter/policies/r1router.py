@@ -27,7 +27,7 @@ from kbrouter.policies.continuation import (
     continuation_reason,
     is_refusal,
 )
-from kbrouter.policies.parser import parse_answer, parse_route
+from kbrouter.policies.parser import parse_answer
 from kbrouter.policies.prompts import (
     ROUTER_PROMPTS,
     Hop,
@@ -69,12 +69,13 @@ class R1RouterConfig(BaseModel):
     answer_few_shot: bool = Field(
         False, description="One example in the sub-answer and final prompts."
     )
-    router_prompt: Literal["auto", "full", "compact"] = Field(
+    router_prompt: Literal["auto", "full", "compact", "terse"] = Field(
         "auto",
         description="Router prompt variant: 'full' (the decomposition rules, few-shot turns per "
         "few_shot), 'compact' (format + KB list, no examples: what trained routers are "
-        "fine-tuned on) or 'auto' (the variant the model records it was trained with, e.g. in "
-        "an exported GGUF's metadata; else 'full').",
+        "fine-tuned on), 'terse' (the compact prompt with a shorter reply: no think block, and "
+        "only <ret>KB</ret> to search with the question as asked) or 'auto' (the variant the "
+        "model records it was trained with, e.g. in an exported GGUF's metadata; else 'full').",
     )
     use_grammar: bool = Field(
         True,
@@ -471,7 +472,7 @@ class R1RouterPolicy(Policy):
                 self._note(rt, question, step, f"router call failed: {call.error}; stopping")
                 return None
             try:
-                action = parse_route(call.output, rt.resolve_kb)
+                action = prompts.parse_route(call.output, rt.resolve_kb, question)
                 if action.is_stop and step.index < self.config.min_retrieval_steps:
                     raise ModelOutputError(
                         "nothing has been retrieved yet; ask one sub-question and name a "

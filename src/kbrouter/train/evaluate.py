@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kbrouter.policies.prompts import terse_question
 from kbrouter.train.records import prompt_messages
 from kbrouter.train.rewards import RewardBreakdown, StepRewarder
 from kbrouter.train.steps import StepSample
@@ -99,7 +100,10 @@ def evaluate_steps(
             flat_texts.append(t)
             flat_samples.append(s)
     scores: list[RewardBreakdown] = rewarder.score_batch(
-        flat_texts, [s.step_type for s in flat_samples], [s.target for s in flat_samples]
+        flat_texts,
+        [s.step_type for s in flat_samples],
+        [s.target for s in flat_samples],
+        [terse_question(s.messages) for s in flat_samples],
     )
     by_kind: dict[str, list[float]] = defaultdict(list)
     routing: list[float] = []

@@ -38,14 +38,17 @@ def prompt_messages(sample: StepSample) -> list[dict[str, str]]:
 
 
 def render_target_response(sample: StepSample) -> str:
-    """The response a perfect policy would give for this step, in the tag format."""
+    """The response a perfect policy would give for this step, in the tag format of the step's
+    router prompt (``terse`` steps: no think block, and no sub-question tag when the target
+    searches with the question as asked)."""
     from kbrouter.policies.parser import format_route
+    from kbrouter.policies.prompts import terse_question
 
     if isinstance(sample.target, RouteTarget):
         t = sample.target
         kb = t.retrievers[0] if t.retrievers else None
         action = RouteAction(think="", sub_question=t.query, kbs=[kb] if kb else [])
-        return format_route(action)
+        return format_route(action, terse=terse_question(sample.messages))
     answer = sample.target if isinstance(sample.target, str) else (sample.target or [""])[0]
     return f"<think></think>\n<answer>{answer.strip()}</answer>"
 

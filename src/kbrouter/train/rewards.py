@@ -173,12 +173,16 @@ class KBNames:
 # --------------------------------------------------------------------------- pure terms
 
 
-def parse_route_output(text: str, kb_names: KBNames) -> RouteAction | None:
-    """The parsed router action, or None when the tags do not parse."""
+def parse_route_output(
+    text: str, kb_names: KBNames, question: str | None = None
+) -> RouteAction | None:
+    """The parsed router action, or None when the tags do not parse. ``question``: the
+    question as asked, for ``terse`` router steps (see
+    :func:`kbrouter.policies.prompts.terse_question`)."""
     from kbrouter.policies.parser import parse_route
 
     try:
-        return parse_route(text, kb_names.resolve)
+        return parse_route(text, kb_names.resolve, question=question)
     except ModelOutputError:
         return None
 
@@ -330,15 +334,23 @@ class StepRewarder:
         return self.score_batch([completion], [step_type], [target])[0]
 
     def score_sample(self, completion: str, sample: StepSample) -> RewardBreakdown:
-        return self.score(completion, sample.step_type, sample.target)
+        from kbrouter.policies.prompts import terse_question
+
+        return self.score_batch(
+            [completion], [sample.step_type], [sample.target], [terse_question(sample.messages)]
+        )[0]
 
     def score_batch(
         self,
         completions: Sequence[str],
         step_types: Sequence[str],
         targets: Sequence[RouteTarget | str | Sequence[str]],
+        questions: Sequence[str | None] | None = None,
     ) -> list[RewardBreakdown]:
-        """Score many completions (one encoder call for all similarity terms)."""
+        """Score many completions (one encoder call for all similarity terms).
+
+        ``questions``: per completion, the question as asked for ``terse`` router steps (whose
+        reply may leave out the sub-question), else None."""
         if not (len(completions) == len(step_types) == len(targets)):
             raise ValueError(
                 f"lengths differ: {len(completions)} completions, {len(step_types)} step types, "
@@ -354,7 +366,9 @@ class StepRewarder:
             if stype == "ret":
                 if not isinstance(target, RouteTarget):
                     raise ValueError(f"a 'ret' step needs a RouteTarget, got {target!r}")
-                action = parse_route_output(text, self.kb_names)
+                action = parse_route_output(
+                    text, self.kb_names, questions[i] if questions is not None else None
+                )
                 if action is None:
                     results[i] = self._unparsed("ret")
                     continue
@@ -413,14 +427,28 @@ class StepRewarder:
     # ----------------------------------------------------------------- TRL glue
 
     def score_trl(
-        self, completions: Sequence[Any], step_type: Sequence[str], target: Sequence[str], **_: Any
+        self,
+        completions: Sequence[Any],
+        step_type: Sequence[str],
+        target: Sequence[str],
+        prompts: Sequence[Any] | None = None,
+        **_: Any,
     ) -> list[RewardBreakdown]:
-        """Score a TRL batch (memoised, so every per-term callable reuses one computation)."""
-        key = (tuple(completion_text(c) for c in completions), tuple(step_type), tuple(target))
+        """Score a TRL batch (memoised, so every per-term callable reuses one computation).
+        ``prompts`` (TRL's prompt column) tell which router steps use the ``terse`` format."""
+        from kbrouter.policies.prompts import terse_question
+
+        questions = tuple(terse_question(p) for p in prompts) if prompts is not None else None
+        key = (
+            tuple(completion_text(c) for c in completions),
+            tuple(step_type),
+            tuple(target),
+            questions,
+        )
         if self._memo is not None and self._memo[0] == key:
             return self._memo[1]
         targets = [decode_target(s, t) for s, t in zip(step_type, target, strict=True)]
-        out = self.score_batch(list(key[0]), list(step_type), targets)
+        out = self.score_batch(list(key[0]), list(step_type), targets, questions)
         self._memo = (key, out)
         return out
 
@@ -486,7 +514,7 @@ def _make_term_func(rewarder: StepRewarder, term: RewardTerm) -> Callable[..., l
         target: Sequence[str],
         **kwargs: Any,
     ) -> list[float | None]:
-        scores = rewarder.score_trl(completions, step_type, target)
+        scores = rewarder.score_trl(completions, step_type, target, prompts)
         if term == "format":
             return [s.format for s in scores]
         return [s.term(term) for s in scores]

@@ -346,6 +346,7 @@ class TeacherLabeler:
         dropped, the rest of the round goes on."""
 
     async def __call__(self, samples: list[StepSample]) -> list[StepSample]:
+        from kbrouter.policies.prompts import terse_question
         from kbrouter.train.rewards import parse_answer_output, parse_route_output
         from kbrouter.types import SamplingParams
 
@@ -368,7 +369,7 @@ class TeacherLabeler:
                     self.failures.append((s.trajectory_id, s.step_index, error))
                     return None
             if s.step_type == "ret":
-                action = parse_route_output(result.text, self.kb_names)
+                action = parse_route_output(result.text, self.kb_names, terse_question(s.messages))
                 if action is None:
                     return None
                 target = RouteTarget(
