@@ -47,6 +47,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="questions (seeded, stratified)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="llama-cpp")
+    ap.add_argument(
+        "--model-for",
+        action="append",
+        default=[],
+        help="PURPOSE=SPEC: another model for one call purpose, e.g. "
+        "read=llama-cpp:qwen2.5-coder-1.5b (the SQL reader's query)",
+    )
     ap.add_argument("--kbs", type=Path, default=HERE / "mkqa_kbs.toml")
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "bench-answers")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "answers")
@@ -65,6 +72,7 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     from bench_routing_e2e import _commit, _se
+    from kbrouter.cli.common import parse_purpose_models
     from kbrouter.engine.engine import EngineConfig
     from kbrouter.eval.harness import load_results, run_eval
     from kbrouter.kb.registry import KBRegistry
@@ -77,6 +85,7 @@ def main() -> None:
     registry = KBRegistry.from_config(args.kbs)
     registry.build(progress=False)
     model = load_model(args.model)
+    purpose_models = parse_purpose_models(args.model_for)
     engine = EngineConfig(max_steps=args.max_steps, top_k=args.top_k, concurrency=2)
     image_dir = None
     if args.dataset.startswith("jsonl:"):
@@ -95,6 +104,7 @@ def main() -> None:
     setup = {
         "model": args.model,
         "model_info": model.describe(),
+        **({"purpose_models": purpose_models} if purpose_models else {}),
         "engine": engine.model_dump(mode="json"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
@@ -122,6 +132,7 @@ def main() -> None:
             image_dir=image_dir,
             keep_messages=False,
             method_options=options,
+            purpose_models=purpose_models,
         )
         recs = load_results(out_dir)
         scores = [r["scores"]["f1_recall"] for r in recs]

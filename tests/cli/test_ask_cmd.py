@@ -156,3 +156,23 @@ def test_ask_takes_method_settings_and_rejects_bad_ones_before_any_work(tmp_path
     result = runner.invoke(app, ["ask", "q?", "--kbs", str(cfg), "--option", "table_reader=bogus"])
     assert result.exit_code == 2 and "table_reader" in _out(result)
     assert not (tmp_path / "ix").exists()  # failed before building any index
+
+
+def test_ask_takes_a_model_per_call_purpose(lexical_config: Path, fake_server):
+    """``--model-for PURPOSE=SPEC`` adds a backend for one call purpose (recorded in the
+    trajectory); a malformed pair, a purpose named twice or an unknown purpose is refused before
+    any work."""
+    model = f"openai:fake@{fake_server.base_url}"
+    base = ["ask", "What is the capital of Peru?", "--kbs", str(lexical_config), "-m", model]
+    result = runner.invoke(app, [*base, "--json", "--model-for", f"final={model};vision=false"])
+    assert result.exit_code == 0, _out(result)
+    traj = Trajectory.model_validate_json(result.stdout)
+    assert set(traj.config["purpose_models"]) == {"final"}
+    for bad, message in [
+        (["--model-for", "final"], "expects PURPOSE=SPEC"),
+        (["--model-for", f"final={model}", "--model-for", "final=llama-cpp"], "twice"),
+        (["--model-for", "reading=llama-cpp"], "unknown call purpose 'reading'"),
+    ]:
+        result = runner.invoke(app, [*base, *bad])
+        assert result.exit_code != 0 and message in _out(result), _out(result)
+        assert "Traceback" not in _out(result)

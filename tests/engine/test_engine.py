@@ -332,3 +332,64 @@ def test_a_failing_kb_is_not_retried_query_by_query_forever():
     sizes = kbs.calls["text"]
     assert sizes[0] > 2 and sizes[1:3] == [1, 1]
     assert len(sizes) < 1 + sizes[0]  # not one retry per question of the batch
+
+
+def test_a_model_per_call_purpose_answers_only_its_calls(demo_kbs, tmp_path):
+    """``purpose_models`` sends the calls of one purpose to another backend: here the final
+    answer. Each backend gets only its own calls, a grammar goes only to a backend that enforces
+    it, the trajectory records both models, and the replay cache keys each call by the model
+    that made it."""
+    router = ScriptedChatModel(r1_reply, supports_grammar=True, name="router")
+    reader = ScriptedChatModel(r1_reply, supports_grammar=False, name="reader")
+    engine = Engine(
+        router,
+        demo_kbs,
+        R1RouterPolicy(**PAPER_READING),
+        EngineConfig(cache_dir=tmp_path / "cache"),
+        purpose_models={"final": reader},
+    )
+    traj = engine.answer_sync(QUESTIONS[0])
+    assert traj.answer == f"final for {QUESTIONS[0]}"
+    assert [kind for kind, _ in _kinds(router)] == ["route", "sub", "route"]
+    assert [kind for kind, _ in _kinds(reader)] == ["final"]
+    assert all(p.grammar is None for _, p in reader.requests)  # it does not enforce grammars
+    assert router.requests[0][1].grammar is not None
+    assert traj.config["model"]["name"] == "router"
+    assert traj.config["purpose_models"]["final"]["name"] == "reader"
+    engine.close()
+
+    # the replay cache keys each call by the model that made it: with the same router and
+    # another final-answer model, only the final call is made again
+    router_again = ScriptedChatModel(r1_reply, supports_grammar=True, name="router")
+    other_reader = ScriptedChatModel(r1_reply, name="another reader")
+    again = Engine(
+        router_again,
+        demo_kbs,
+        R1RouterPolicy(**PAPER_READING),
+        EngineConfig(cache_dir=tmp_path / "cache"),
+        purpose_models={"final": other_reader},
+    )
+    again.answer_sync(QUESTIONS[0])
+    assert (router_again.calls, other_reader.calls) == (0, 1)
+    again.close()
+
+
+def test_a_model_for_an_unknown_purpose_is_a_config_error(demo_kbs):
+    from kbrouter.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown call purpose 'reading'.*read"):
+        Engine(
+            ScriptedChatModel(r1_reply),
+            demo_kbs,
+            R1RouterPolicy(),
+            purpose_models={"reading": ScriptedChatModel(r1_reply)},
+        )
+
+
+def _kinds(model: ScriptedChatModel) -> list[tuple[str, SamplingParams]]:
+    out = []
+    for messages, params in model.requests:
+        system = messages[0].text()
+        kind = "route" if "<ret>" in system else "final" if "final answer" in system else "sub"
+        out.append((kind, params))
+    return out

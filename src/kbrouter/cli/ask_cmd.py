@@ -8,7 +8,14 @@ from typing import Any
 
 import typer
 
-from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console, parse_options
+from kbrouter.cli.common import (
+    DEMO_CONFIG,
+    cli_errors,
+    console,
+    err_console,
+    parse_options,
+    parse_purpose_models,
+)
 
 
 def ask(
@@ -21,6 +28,12 @@ def ask(
         "-m",
         help="Chat backend spec: llama-cpp[:preset|path.gguf], openai:<model>@<url>, "
         "transformers:<path>; backend settings after ';', e.g. 'openai:m@url;vision=true'.",
+    ),
+    model_for: list[str] = typer.Option(
+        [],
+        "--model-for",
+        help="PURPOSE=SPEC (repeatable): another model for one call purpose (route, "
+        "sub_answer, final, generate, read), e.g. read=llama-cpp:qwen2.5-coder-1.5b.",
     ),
     max_steps: int = typer.Option(3, "--max-steps", min=0, help="Retrieval-step budget."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Evidence items per KB shown."),
@@ -67,8 +80,10 @@ def ask(
             image = image.resolve()
         # a bad method or setting fails before any work
         policy = _policy(method, router, min_steps, parse_options(option))
+        for_purpose = parse_purpose_models(model_for)
         registry = _open_registry(kbs, quiet=as_json)
         chat_model = _load_model(model, quiet=as_json)
+        extra = {p: _load_model(spec, quiet=as_json) for p, spec in for_purpose.items()}
         trace = None if as_json else _LiveTrace()
         engine = Engine(
             chat_model,
@@ -82,6 +97,7 @@ def ask(
                 cache_dir=cache_dir,
             ),
             on_event=trace,
+            purpose_models=extra,
         )
         try:
             traj = engine.answer_sync(Question(text=question.strip(), image=image))

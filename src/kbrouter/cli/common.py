@@ -28,6 +28,24 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def parse_purpose_models(items: list[str]) -> dict[str, str]:
+    """``--model-for PURPOSE=SPEC`` pairs (a purpose once), checked against the call
+    purposes."""
+    from kbrouter.engine.engine import check_purposes
+    from kbrouter.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in items:
+        purpose, sep, spec = (x.strip() for x in item.partition("="))
+        if not sep or not purpose or not spec:
+            raise ConfigError(f"--model-for expects PURPOSE=SPEC, got {item!r}")
+        if purpose in out:
+            raise ConfigError(f"--model-for names the purpose {purpose!r} twice")
+        out[purpose] = spec
+    check_purposes(out)
+    return out
+
+
 def parse_options(items: list[str]) -> dict[str, object]:
     """``key=value`` pairs; values parsed as JSON when possible (``3``, ``true``), else text."""
     from kbrouter.errors import ConfigError

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from kbrouter.cli.common import DEMO_CONFIG, cli_errors, console, err_console, parse_options
+from kbrouter.cli.common import (
+    DEMO_CONFIG,
+    cli_errors,
+    console,
+    err_console,
+    parse_options,
+    parse_purpose_models,
+)
 
 
 def _slug(text: str) -> str:
@@ -31,6 +38,13 @@ def eval_command(
     ),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate N questions."),
     model: str = typer.Option("llama-cpp", "--model", help="Model spec (e.g. openai:<m>@<url>)."),
+    model_for: list[str] = typer.Option(
+        [],
+        "--model-for",
+        help="PURPOSE=SPEC (repeatable): another model for one call purpose (route, "
+        "sub_answer, final, generate, read), e.g. read=llama-cpp:qwen2.5-coder-1.5b writes the "
+        "SQL table reader's queries with the 1.5B preset.",
+    ),
     kbs: Path | None = typer.Option(
         None, "--kbs", help="kbs.toml of the knowledge bases (default: the demo KBs)."
     ),
@@ -96,6 +110,7 @@ def eval_command(
                 sources=source or None,
                 method_options=parse_options(option),
                 keep_messages=not no_messages,
+                purpose_models=parse_purpose_models(model_for),
             )
         except KeyboardInterrupt:
             err_console.print(

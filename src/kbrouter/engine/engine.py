@@ -18,18 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kbrouter.engine.cache import ReplayCache
 from kbrouter.engine.events import EventCallback
 from kbrouter.engine.runtime import KBSource, QuestionRuntime, RunContext
-from kbrouter.errors import ModelUnavailableError
+from kbrouter.errors import ConfigError, ModelUnavailableError
 from kbrouter.models.base import ChatModel
-from kbrouter.policies.base import Policy
+from kbrouter.policies.base import Policy, Purpose
 from kbrouter.types import Question, SamplingParams, Trajectory
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,23 @@ class EngineConfig(BaseModel):
         return self.sampling.model_copy(update={"seed": self.seed})
 
 
+def check_purposes(purposes: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` for a name that is not a model-call purpose."""
+    unknown = sorted(set(purposes) - set(get_args(Purpose)))
+    if unknown:
+        raise ConfigError(
+            f"unknown call purpose {unknown[0]!r} for a model; the purposes are "
+            f"{', '.join(get_args(Purpose))}"
+        )
+
+
+def _describe(model: ChatModel) -> dict[str, Any]:
+    try:
+        return dict(model.describe())
+    except Exception:
+        return {"name": model.name}
+
+
 class Engine:
     """Runs ``policy`` with ``model`` over ``kbs``.
 
@@ -84,6 +101,11 @@ class Engine:
         config: engine settings (defaults: 3 steps, top-5 of 10, greedy, seed 0, no cache).
         on_event: optional callback receiving :class:`~kbrouter.engine.events.TraceEvent`
             progress events (for live traces); exceptions in it are logged, not raised.
+        purpose_models: backends for some call purposes (``route``, ``sub_answer``,
+            ``final``, ``generate``, ``read``), e.g. ``{"read": larger_model}`` to write the SQL
+            table reader's queries with a larger model while ``model`` routes and answers. The
+            prompts follow ``model`` (its image support and recorded router prompt); a grammar
+            is sent only to a backend that enforces it.
     """
 
     def __init__(
@@ -94,7 +116,10 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         on_event: EventCallback | None = None,
+        purpose_models: Mapping[str, ChatModel] | None = None,
     ) -> None:
+        check_purposes(purpose_models or {})
+        self.purpose_models = dict(purpose_models or {})
         self.model = model
         self.kbs = kbs
         self.policy = policy
@@ -112,15 +137,17 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Config facts recorded in every trajectory's ``config``."""
-        try:
-            model = dict(self.model.describe())
-        except Exception:
-            model = {"name": self.model.name}
-        return {
+        model = _describe(self.model)
+        out = {
             **self.policy.describe(),
             "model": model,
             "engine": self.config.model_dump(mode="json", exclude={"cache_dir"}),
         }
+        if self.purpose_models:
+            out["purpose_models"] = {
+                purpose: _describe(m) for purpose, m in sorted(self.purpose_models.items())
+            }
+        return out
 
     def _context(self, on_event: EventCallback | None) -> RunContext:
         cfg = self.config
@@ -137,6 +164,7 @@ class Engine:
             max_batch=cfg.max_batch,
             on_event=on_event if on_event is not None else self.on_event,
             max_unavailable=cfg.max_unavailable,
+            purpose_models=self.purpose_models,
         )
         self.last_context = ctx
         return ctx

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from kbrouter.engine.cache import FileHasher, ReplayCache, chat_key, manifest_id, search_key
@@ -210,8 +210,13 @@ class RunContext:
         max_batch: int,
         on_event: EventCallback | None,
         max_unavailable: int = 3,
+        purpose_models: Mapping[str, ChatModel] | None = None,
     ) -> None:
         self.model = model
+        self.purpose_models = dict(purpose_models or {})
+        """Backends for some call purposes (e.g. ``read`` with a larger model); the others use
+        ``model``."""
+        self._use_grammar = use_grammar
         self.kb_source = kbs
         self.sampling = sampling
         self.max_steps = max_steps
@@ -226,7 +231,7 @@ class RunContext:
         self._unavailable = 0  # model calls in a row that could not reach the server
         self.in_flight = 0
         self.infos = list(kbs.infos)
-        self._model_id = _safe_identity(model)
+        self._model_ids = {id(m): _safe_identity(m) for m in (model, *self.purpose_models.values())}
         self._hasher = FileHasher()
         self._batchers: dict[str, KBBatcher] = {}
         self._manifests: dict[str, str | None] = {}
@@ -259,15 +264,20 @@ class RunContext:
 
     # ------------------------------------------------------------------ calls
 
+    def model_for(self, purpose: str) -> ChatModel:
+        """The backend that answers calls of ``purpose``."""
+        return self.purpose_models.get(purpose, self.model)
+
     async def chat(
         self, purpose: Purpose, messages: list[ChatMessage], params: SamplingParams | None
     ) -> ModelCall:
+        model = self.model_for(purpose)
         p = merge_params(self.sampling, params)
-        if p.grammar is not None and not self.supports_grammar:
+        if p.grammar is not None and not (self._use_grammar and model.supports_grammar):
             p = p.model_copy(update={"grammar": None})
         key = None
         if self.cache is not None:
-            key = chat_key(self._model_id, messages, p, self._hasher)
+            key = chat_key(self._model_ids[id(model)], messages, p, self._hasher)
             hit = self.cache.get_chat(key)
             if hit is not None:
                 return ModelCall(
@@ -281,7 +291,7 @@ class RunContext:
                 )
         t0 = time.perf_counter()
         try:
-            result: ChatResult = await self.model.chat(messages, p)
+            result: ChatResult = await model.chat(messages, p)
         except asyncio.CancelledError:
             raise
         except ModelUnavailableError as e:

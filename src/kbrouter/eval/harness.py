@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,11 @@ class EvalRunConfig(BaseModel):
     dataset: str = Field(description="Dataset registry name (see kbrouter.eval.datasets).")
     method: str = Field(description="Method name (see kbrouter.policies.baselines.make_policy).")
     model: str = Field("llama-cpp", description="Model spec (see kbrouter.models.registry).")
+    purpose_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model specs for some call purposes (e.g. {'read': <spec>}: the SQL table "
+        "reader's query with a larger model); the other calls use ``model``.",
+    )
     kbs: str | None = Field(None, description="Path of the kbs.toml used (None: injected).")
     limit: int | None = Field(None, ge=1, description="Questions evaluated (None: all).")
     seed: int = Field(0, description="Seed of sampling and of the stratified selection.")
@@ -102,7 +107,9 @@ class EvalRunConfig(BaseModel):
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the stored one."""
         engine = self.engine.model_dump(mode="json", exclude={"concurrency", "cache_dir"})
+        extra = {"purpose_models": self.purpose_models} if self.purpose_models else {}
         return {
+            **extra,
             "dataset": self.dataset,
             "method": self.method,
             "model": self.model,
@@ -310,7 +317,12 @@ def _check_identity(out_dir: Path, stored: Any, now: dict[str, Any]) -> None:
                 out_dir,
             )
         return
-    what = {"model": "model", "dataset_sha256": "dataset file", "kb_indexes": "KB indexes"}
+    what = {
+        "model": "model",
+        "purpose_models": "model for a call purpose",
+        "dataset_sha256": "dataset file",
+        "kb_indexes": "KB indexes",
+    }
     diff = [k for k in now if k in stored and stored[k] != now[k]]
     if diff:
         detail = "; ".join(f"{what.get(k, k)}: stored {stored[k]!r}, now {now[k]!r}" for k in diff)
@@ -321,7 +333,11 @@ def _check_identity(out_dir: Path, stored: Any, now: dict[str, Any]) -> None:
 
 
 def _run_identity(
-    ds: EvalDataset, model: ChatModel | None, registry: KBSource, retrieves: bool
+    ds: EvalDataset,
+    model: ChatModel | None,
+    registry: KBSource,
+    retrieves: bool,
+    purpose_models: Mapping[str, ChatModel] | None = None,
 ) -> dict[str, Any]:
     """Content identity of what a run answers with (compared on resume)."""
     from kbrouter.engine.cache import manifest_id
@@ -335,6 +351,11 @@ def _run_identity(
             out["model"] = dict(model.identity())
         except Exception as e:  # noqa: BLE001 - cannot tell: not checked
             log.warning("model identity unavailable: %s", e)
+    for purpose, m in sorted((purpose_models or {}).items()):
+        try:
+            out.setdefault("purpose_models", {})[purpose] = dict(m.identity())
+        except Exception as e:  # noqa: BLE001 - cannot tell: not checked
+            log.warning("model identity unavailable (%s): %s", purpose, e)
     if retrieves:
         out["kb_indexes"] = {i.name: manifest_id(registry.get(i.name)) for i in registry.infos}
     return out
@@ -436,6 +457,7 @@ def run_eval(
     registry: KBSource | None = None,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    purpose_models: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` on ``dataset`` and return the summary (also in ``summary.json``).
 
@@ -460,6 +482,10 @@ def run_eval(
         model / registry: already built backend / KB registry (tests, benchmarks).
         progress: show a rich progress bar.
         on_result: called with each result line as it is written.
+        purpose_models: model specs for some call purposes (``route``, ``sub_answer``,
+            ``final``, ``generate``, ``read``), loaded with
+            :func:`~kbrouter.models.registry.load_model`; e.g. ``{"read": "llama-cpp:
+            qwen2.5-coder-1.5b"}`` writes the SQL reader's queries with the 1.5B preset.
 
     Raises:
         DatasetError: unknown or unreadable dataset, or question images missing for a method
@@ -473,6 +499,7 @@ def run_eval(
         dataset=dataset,
         method=method,
         model=model_spec,
+        purpose_models=dict(purpose_models or {}),
         kbs=str(kbs) if kbs is not None else None,
         limit=limit,
         seed=seed,
@@ -536,6 +563,13 @@ def run_eval(
         from kbrouter.models.registry import load_model
 
         model = load_model(model_spec)
+    extra_models: dict[str, ChatModel] = {}
+    if todo and cfg.purpose_models:
+        from kbrouter.engine.engine import check_purposes
+        from kbrouter.models.registry import load_model
+
+        check_purposes(cfg.purpose_models)
+        extra_models = {p: load_model(spec) for p, spec in cfg.purpose_models.items()}
     retrieves = method.strip().lower() not in NO_RETRIEVAL_METHODS
     if todo and (retrieves or (model is not None and model.supports_images)):
         ds.require_images(todo)
@@ -553,7 +587,7 @@ def run_eval(
             "kbs_info": [i.model_dump(mode="json") for i in registry.infos],
             "selected": len(selected),
         },
-        _run_identity(ds, model, registry, bool(todo and retrieves)),
+        _run_identity(ds, model, registry, bool(todo and retrieves), extra_models),
     )
     log.info(
         "%s on %s: %d selected, %d already done, %d to run",
@@ -578,6 +612,7 @@ def run_eval(
             done=len(selected) - len(todo),
             total=len(selected),
             close_model=owns_model,
+            purpose_models=extra_models,
         )
     summary = summarize_results(load_results(results_path), [e.id for e in selected])
     summary.update(dataset=ds.name, method=method, model=model_spec, paper_compat=paper_compat)
@@ -621,8 +656,9 @@ def _run_questions(
     done: int,
     total: int,
     close_model: bool,
+    purpose_models: Mapping[str, ChatModel] | None = None,
 ) -> None:
-    engine = Engine(model, registry, policy, cfg.engine)
+    engine = Engine(model, registry, policy, cfg.engine, purpose_models=purpose_models)
     bar = _progress(total, done, f"{ds.name} / {cfg.method}", progress)
     scores: list[float] = []
     chunk = max(32, 4 * cfg.engine.concurrency)  # bounds the trajectories held in memory
@@ -646,9 +682,10 @@ def _run_questions(
 
                 await engine.answer_many([e.question for e in part], on_result=write)
         finally:
-            if close_model:  # in the loop the backend's clients were bound to
-                try:
-                    await model.aclose()
+            owned = [model] if close_model else []
+            for m in [*owned, *(purpose_models or {}).values()]:
+                try:  # in the loop the backend's clients were bound to
+                    await m.aclose()
                 except Exception:  # closing must never hide the run's outcome
                     log.debug("model close failed", exc_info=True)
 
