@@ -8,8 +8,9 @@ Stages (each resumable; re-run the same command to continue):
    (``--limit`` questions, seed 0, source-stratified), so the prompted rows measured there apply.
    wtq is capped at ``--wtq-cap`` training questions (seeded) so one source does not dominate.
 2. ``sft``: LoRA SFT of Qwen2.5-Coder-0.5B-Instruct, loaded from its packaged GGUF, on the
-   router and sub-answer steps with the compact router prompt (checkpoints every
-   ``--save-steps`` updates; an interrupted run resumes from the newest).
+   router and sub-answer steps with the compact router prompt, or ``--router-prompt terse``
+   (the shorter reply; checkpoints every ``--save-steps`` updates; an interrupted run resumes
+   from the newest). ``--base`` may be an earlier LoRA run folder (merged first).
 3. ``export``: ``kbrouter.train.export.export_gguf`` (merge LoRA, llama.cpp's converter,
    ``--quant``), recording the prompt variant in the GGUF.
 4. ``grpo`` / ``export-grpo``: teacher-forced Step-GRPO from the SFT run on the router steps
@@ -31,6 +32,13 @@ Writes ``summary.json`` and ``summary.md`` under ``--out``; runs go under ``--ru
     .venv/bin/python benchmarks/bench_trained_router.py --stages steps,sft,export,eval \\
         --reference prompted=benchmarks/results/routing/e2e.json#r1-router@min_retrieval_steps=1
     .venv/bin/python benchmarks/bench_trained_router.py --stages latency   # alone, quiet machine
+
+The terse router (sft-v3 continued for 60 updates on the same gold paths in the terse reply):
+
+    B=".venv/bin/python benchmarks/bench_trained_router.py --runs runs/trained-router-terse"
+    $B --stages steps --wtq-cap 1000 --first-hops-of-dropped --router-prompt terse
+    $B --stages sft,export --base runs/trained-router-v3/sft/final --lr 2e-4 --max-updates 60
+    $B --stages latency --models sft-v3-terse=gguf:sft --latency-questions 10
 """
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ from pydantic import Field
 
 from kbrouter.errors import ConfigError, ModelOutputError, RouterError
 from kbrouter.policies.base import Runtime
-from kbrouter.policies.parser import parse_route
-from kbrouter.policies.prompts import Hop, PromptBuilder, route_grammar
+from kbrouter.policies.prompts import Hop, PromptBuilder
 from kbrouter.policies.r1router import R1RouterConfig, R1RouterPolicy
 from kbrouter.routing.router import LearnedRouter
 from kbrouter.types import (
@@ -81,7 +80,7 @@ async def write_sub_question(
     if policy.config.use_grammar and getattr(rt, "supports_grammar", False):
         params = SamplingParams(
             max_tokens=policy.config.route_max_tokens,
-            grammar=route_grammar([kb], allow_stop=False),
+            grammar=prompts.route_grammar(allow_stop=False, kb_names=[kb]),
         )
     else:
         params = SamplingParams(max_tokens=policy.config.route_max_tokens)
@@ -90,7 +89,7 @@ async def write_sub_question(
     problem = call.error
     if not problem:
         try:
-            action = parse_route(call.output, rt.resolve_kb)
+            action = prompts.parse_route(call.output, rt.resolve_kb, question)
             if action.sub_question:
                 return action.sub_question
             problem = "the reply has no sub-question"
