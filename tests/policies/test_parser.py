@@ -244,15 +244,15 @@ def test_round_trip_stop():
     kb=st.sampled_from(["text", "tables", "images"]),
 )
 def test_terse_round_trip(question: str, other: bool, kb: str):
-    """The terse format: a search with the question as asked is ``<ret>KB</ret>`` alone, any
-    other sub-question keeps its tag, a stop is ``<ret>None</ret>``; parsing with the question
-    gives back the action."""
+    """The terse format: the KB first; a search with the question as asked is ``<ret>KB</ret>``
+    alone, any other sub-question follows in its tag, a stop is ``<ret>None</ret>``; parsing
+    with the question gives back the action."""
     question = " ".join(question.split())
     sub_q = "Which film is it?" if other else question
     action = RouteAction(sub_question=sub_q, kbs=[kb])
     text = format_route(action, terse=question)
     assert "<think>" not in text
-    assert text.startswith("<sub-question>") == other
+    assert text.startswith(f"<ret>{kb}</ret>") and ("<sub-question>" in text) == other
     assert parse_route(text, resolve, question=question) == action
     stop = format_route(RouteAction(), terse=question)
     assert stop == "<ret>None</ret>"

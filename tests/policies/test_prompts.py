@@ -125,7 +125,7 @@ def test_terse_prompt_has_no_examples_and_its_own_first_line():
     assert len(msgs) == 2
     system = msgs[0].text()
     assert "- wiki (text): Encyclopedia passages." in system
-    assert "<think>" not in system and "reply only <ret>" in system
+    assert "<think>" not in system and "searches with the question as asked" in system
     assert detect_router_prompt(msgs) == "terse"
     assert terse_question(msgs) == "Who directed Jaws?"
     assert terse_question([{"role": m.role, "content": m.text()} for m in msgs]) == (
@@ -140,12 +140,12 @@ def test_terse_prompt_has_no_examples_and_its_own_first_line():
 
 
 def test_terse_grammar_has_no_think_block_and_a_short_stop():
-    """The terse grammar starts at the sub-question (optional) or the KB; its stop is
+    """The terse grammar starts at the KB, then an optional sub-question; its stop is
     ``<ret>None</ret>``, left out without the stop branch."""
     g = route_grammar(["wiki", "stats"], terse=True)
     assert g.splitlines()[0] == "root ::= ( stop | go )"
     assert 'stop ::= "<ret>None</ret>"' in g
-    assert 'go ::= ( "<sub-question>" subq "</sub-question>" nl )? "<ret>" kbs "</ret>"' in g
+    assert 'go ::= "<ret>" kbs "</ret>" ( "\\n<sub-question>" subq "</sub-question>" )?' in g
     assert route_grammar(["wiki"], allow_stop=False, terse=True).splitlines()[0] == "root ::= go"
     builder = PromptBuilder(KBS, supports_images=False, router_prompt="terse")
     assert builder.route_grammar() == route_grammar(["wiki", "stats", "pics"], terse=True)

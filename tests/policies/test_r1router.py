@@ -422,13 +422,13 @@ class TerseScriptedModel(ScriptedChatModel):
 
 def test_terse_router_searches_with_the_question_as_asked_and_stops_with_ret_none(demo_kbs):
     """A router trained on the terse reply format: ``<ret>KB</ret>`` alone searches that KB with
-    the question as asked, a sub-question tag searches with the sub-question, and
+    the question as asked, a sub-question tag after it searches with the sub-question, and
     ``<ret>None</ret>`` stops. The grammar offered is the terse one (no think block)."""
     question = "Which country is Canberra the capital of?"
     script = Script(
         routes=[
             "<ret>text</ret>",
-            "<sub-question>Where is Canberra?</sub-question>\n<ret>tables</ret>",
+            "<ret>tables</ret>\n<sub-question>Where is Canberra?</sub-question>",
             "<ret>None</ret>",
         ]
     )

@@ -299,7 +299,7 @@ def test_gold_route_labeler_labels_the_policys_own_states(
 def test_terse_gold_paths_train_the_short_reply(dev: list[EvalExample], mkqa_registry) -> None:  # noqa: ANN001
     """With the terse router prompt the same gold paths give SFT targets without a think
     block: a hop that searches with the question as asked is ``<ret>KB</ret>`` alone, an
-    anchored hop keeps its sub-question, and the stop is ``<ret>None</ret>``."""
+    anchored hop adds its sub-question after the KB, and the stop is ``<ret>None</ret>``."""
     from kbrouter.policies.prompts import detect_router_prompt
     from kbrouter.train.records import sft_records
 
@@ -314,7 +314,7 @@ def test_terse_gold_paths_train_the_short_reply(dev: list[EvalExample], mkqa_reg
     (_, sub1), (_, sub2) = report.paths[first_id]
     assert replies == [
         "<ret>image</ret>",
-        f"<sub-question>{sub2}</sub-question>\n<ret>table</ret>",
+        f"<ret>table</ret>\n<sub-question>{sub2}</sub-question>",
         "<ret>None</ret>",
     ]
     # the targets are the compact builder's: only the rendering differs

@@ -7,10 +7,11 @@ Router output::
     <ret>one KB name (or several, comma-separated), or None</ret>
 
 The ``terse`` router format (trained routers, :data:`~kbrouter.policies.prompts.ROUTER_PROMPTS`)
-drops the think block and lets a search with the question as asked (and a stop) skip the
-sub-question tag::
+has no think block and names the KB first; a sub-question follows only when it is not the
+question as asked::
 
     <ret>one KB name, or None</ret>
+    <sub-question>one atomic question (optional)</sub-question>
 
 (:func:`parse_route` with ``question=`` reads it; :func:`format_route` with ``terse=`` writes it.)
 
@@ -213,9 +214,9 @@ def format_route(action: RouteAction, *, terse: str | None = None) -> str:
     :func:`parse_route` for well-formed actions; used for few-shot examples and training
     targets).
 
-    ``terse``: the question as asked, for the ``terse`` format: no think block, and no
-    sub-question tag for a stop (``<ret>None</ret>``) or when the sub-question is that question
-    (compared with whitespace collapsed)."""
+    ``terse``: the question as asked, for the ``terse`` format: no think block, the KB first,
+    and no sub-question tag for a stop (``<ret>None</ret>``) or when the sub-question is that
+    question (compared with whitespace collapsed)."""
     sub_q = action.sub_question if action.sub_question is not None else "None"
     ret = ", ".join(action.kbs) if action.kbs else "None"
     if terse is None:
@@ -224,4 +225,4 @@ def format_route(action: RouteAction, *, terse: str | None = None) -> str:
         )
     if action.sub_question is None or " ".join(sub_q.split()) == " ".join(terse.split()):
         return f"<ret>{ret}</ret>"
-    return f"<sub-question>{sub_q}</sub-question>\n<ret>{ret}</ret>"
+    return f"<ret>{ret}</ret>\n<sub-question>{sub_q}</sub-question>"

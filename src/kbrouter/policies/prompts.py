@@ -8,8 +8,9 @@ Three prompts, each ``system`` (+ fixed few-shot turns) followed by ONE variable
   (:data:`ROUTER_PROMPTS`) is a short format statement and the KB list with no examples: the
   prompt a trained router is fine-tuned on (it needs no examples, and every route call gets
   cheaper). The ``terse`` variant is the compact prompt with a shorter reply: no think block,
-  a search with the question as asked is only ``<ret>KB</ret>`` and a stop ``<ret>None</ret>``
-  (fewer generated tokens, which are most of a trained router's route call on a CPU);
+  the KB first, and a sub-question only when it is not the question as asked (a stop is
+  ``<ret>None</ret>``): fewer generated tokens, which are most of a trained router's route call
+  on a CPU;
 - **sub-answer**: the top-k evidence, tagged by KB (passages, compact tables, image captions),
   and the sub-question (+ the question's image when the backend sees images);
 - **final answer**: the question (+ image) and the full history of sub-questions and answers.
@@ -59,8 +60,8 @@ __all__ = [
 ROUTER_PROMPTS = ("full", "compact", "terse")
 """Router prompt variants: ``full`` (the decomposition rules, with few-shot turns unless
 ``few_shot`` is off), ``compact`` (format + KB list, no examples; for trained routers) and
-``terse`` (the compact prompt with the terse reply format: no think block, and no sub-question
-tag to stop or to search with the question as asked; for trained routers)."""
+``terse`` (the compact prompt with the terse reply format: no think block, the KB first, and no
+sub-question tag to stop or to search with the question as asked; for trained routers)."""
 
 RouterPrompt = Literal["full", "compact", "terse"]
 
@@ -408,8 +409,8 @@ class PromptBuilder:
         names = ", ".join(kb.name for kb in self.kbs)
         if self.router_prompt == "terse":
             shape = (
-                "<sub-question>one question</sub-question><ret>a knowledge base name</ret>, "
-                "or only <ret>a knowledge base name</ret> to search with the question as asked, "
+                "<ret>a knowledge base name</ret> to search with the question as asked, or "
+                "<ret>a knowledge base name</ret><sub-question>one question</sub-question>, "
                 "or <ret>None</ret> to stop"
             )
         else:
@@ -563,8 +564,9 @@ def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True, terse: bo
     KB name; without the stop branch it may not start with ``None`` or a space either) and one or
     more comma-separated KB names from ``kb_names``.
 
-    ``terse``: the ``terse`` reply format: no think block, the sub-question tag is optional
-    (without it the search uses the question as asked), and a stop is ``<ret>None</ret>``."""
+    ``terse``: the ``terse`` reply format: no think block, the KB first, then an optional
+    sub-question (without it the search uses the question as asked); a stop is
+    ``<ret>None</ret>``."""
     if not kb_names:
         raise ValueError("route_grammar needs at least one KB name")
     kb_alts = " | ".join(_gbnf_literal(n) for n in kb_names)
@@ -575,7 +577,6 @@ def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True, terse: bo
     subq = '[^<\\n?]{1,200} "?"' if allow_stop else f'{not_none} [^<\\n?]{{0,196}} "?"'
 
     root = f"root ::= {branches}" if terse else f'root ::= "<think>" think "</think>" nl {branches}'
-    sub = '"<sub-question>" subq "</sub-question>" nl'
     return "\n".join(
         [
             root,
@@ -583,7 +584,9 @@ def route_grammar(kb_names: Sequence[str], *, allow_stop: bool = True, terse: bo
             'stop ::= "<ret>None</ret>"'
             if terse
             else 'stop ::= "<sub-question>None</sub-question>" nl "<ret>None</ret>"',
-            f'go ::= {f"( {sub} )?" if terse else sub} "<ret>" kbs "</ret>"',
+            'go ::= "<ret>" kbs "</ret>" ( "\\n<sub-question>" subq "</sub-question>" )?'
+            if terse
+            else 'go ::= "<sub-question>" subq "</sub-question>" nl "<ret>" kbs "</ret>"',
             f"subq ::= {subq}",
             'kbs ::= kb ( ", " kb )*',
             f"kb ::= {kb_alts}",
