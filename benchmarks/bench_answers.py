@@ -260,6 +260,8 @@ def _write(out: Path, result: dict) -> None:
         picked = f"{where} ({'all' if sel['limit'] is None else sel['limit']}"
         picked += f", seed {sel['seed']})"
         setup = f"{c['model_info'].get('name', c['model'])}, {c['engine']['top_k']}"
+        for purpose, spec in (c.get("purpose_models") or {}).items():
+            setup += f" ({purpose}: {spec})"
         lines.append(
             f"| {name} | {picked} | {c['method']} | {settings} | {setup} | {f(c['f1_recall'])} ± "
             f"{f(c['f1_recall_se'])} | {c['questions']} | {c.get('full_marks', '–')} | "
