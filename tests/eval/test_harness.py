@@ -312,3 +312,12 @@ def test_resuming_with_another_dataset_file_or_model_is_refused(dataset, tmp_pat
     path.write_text(path.read_text().replace("Paris", "Lyon"))
     with pytest.raises(ConfigError, match="different dataset file.*would mix two runs"):
         _run(dataset, out, limit=3)
+
+
+def test_a_model_for_an_unknown_call_purpose_is_refused_before_any_work(dataset, tmp_path):
+    """``purpose_models`` names call purposes; a misspelt one is a ConfigError and nothing
+    runs (no results directory is written)."""
+    model = ScriptedChatModel(_answer)
+    with pytest.raises(ConfigError, match="unknown call purpose 'reader'"):
+        _run(dataset, tmp_path / "run", model=model, purpose_models={"reader": "llama-cpp"})
+    assert model.calls == 0 and not (tmp_path / "run").exists()

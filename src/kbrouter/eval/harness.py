@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kbrouter.engine.engine import Engine, EngineConfig
+from kbrouter.engine.engine import Engine, EngineConfig, check_purposes
 from kbrouter.engine.runtime import KBSource
 from kbrouter.errors import ConfigError, DatasetError
 from kbrouter.eval.attribution import attribute, summarize_attribution
@@ -513,6 +513,7 @@ def run_eval(
         engine=engine_cfg,
         keep_messages=keep_messages,
     )
+    check_purposes(cfg.purpose_models)
     policy: Policy = make_policy(method, **cfg.method_options)
     ds = load_dataset(
         dataset, data_dir=data_dir, image_dir=image_dir, paper_compat=paper_compat, split=split
@@ -565,10 +566,8 @@ def run_eval(
         model = load_model(model_spec)
     extra_models: dict[str, ChatModel] = {}
     if todo and cfg.purpose_models:
-        from kbrouter.engine.engine import check_purposes
         from kbrouter.models.registry import load_model
 
-        check_purposes(cfg.purpose_models)
         extra_models = {p: load_model(spec) for p, spec in cfg.purpose_models.items()}
     retrieves = method.strip().lower() not in NO_RETRIEVAL_METHODS
     if todo and (retrieves or (model is not None and model.supports_images)):
