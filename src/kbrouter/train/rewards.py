@@ -356,6 +356,10 @@ class StepRewarder:
                 f"lengths differ: {len(completions)} completions, {len(step_types)} step types, "
                 f"{len(targets)} targets"
             )
+        if questions is not None and len(questions) != len(completions):
+            raise ValueError(
+                f"lengths differ: {len(completions)} completions, {len(questions)} questions"
+            )
         cfg = self.config
         results: list[RewardBreakdown | None] = [None] * len(completions)
         sim_pairs: list[tuple[str | None, str | None]] = []
