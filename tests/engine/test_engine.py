@@ -83,8 +83,14 @@ class CountingKBs:
         return self._wrapped[canon]
 
 
-def make_engine(kbs, model, **cfg) -> Engine:
-    return Engine(model, kbs, R1RouterPolicy(**PAPER_READING), EngineConfig(**cfg))
+def make_engine(kbs, model, purpose_models=None, **cfg) -> Engine:
+    return Engine(
+        model,
+        kbs,
+        R1RouterPolicy(**PAPER_READING),
+        EngineConfig(**cfg),
+        purpose_models=purpose_models,
+    )
 
 
 def test_answer_many_keeps_input_order_under_concurrency(demo_kbs):
@@ -341,13 +347,7 @@ def test_a_model_per_call_purpose_answers_only_its_calls(demo_kbs, tmp_path):
     that made it."""
     router = ScriptedChatModel(r1_reply, supports_grammar=True, name="router")
     reader = ScriptedChatModel(r1_reply, supports_grammar=False, name="reader")
-    engine = Engine(
-        router,
-        demo_kbs,
-        R1RouterPolicy(**PAPER_READING),
-        EngineConfig(cache_dir=tmp_path / "cache"),
-        purpose_models={"final": reader},
-    )
+    engine = make_engine(demo_kbs, router, {"final": reader}, cache_dir=tmp_path / "cache")
     traj = engine.answer_sync(QUESTIONS[0])
     assert traj.answer == f"final for {QUESTIONS[0]}"
     assert [kind for kind, _ in _kinds(router)] == ["route", "sub", "route"]
@@ -362,12 +362,8 @@ def test_a_model_per_call_purpose_answers_only_its_calls(demo_kbs, tmp_path):
     # another final-answer model, only the final call is made again
     router_again = ScriptedChatModel(r1_reply, supports_grammar=True, name="router")
     other_reader = ScriptedChatModel(r1_reply, name="another reader")
-    again = Engine(
-        router_again,
-        demo_kbs,
-        R1RouterPolicy(**PAPER_READING),
-        EngineConfig(cache_dir=tmp_path / "cache"),
-        purpose_models={"final": other_reader},
+    again = make_engine(
+        demo_kbs, router_again, {"final": other_reader}, cache_dir=tmp_path / "cache"
     )
     again.answer_sync(QUESTIONS[0])
     assert (router_again.calls, other_reader.calls) == (0, 1)

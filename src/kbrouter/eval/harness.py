@@ -332,6 +332,15 @@ def _check_identity(out_dir: Path, stored: Any, now: dict[str, Any]) -> None:
         )
 
 
+def _model_identity(model: ChatModel, what: str) -> dict[str, Any] | None:
+    """The backend's identity facts, or None (then not checked on resume) when it cannot tell."""
+    try:
+        return dict(model.identity())
+    except Exception as e:  # noqa: BLE001 - cannot tell: not checked
+        log.warning("%s identity unavailable: %s", what, e)
+        return None
+
+
 def _run_identity(
     ds: EvalDataset,
     model: ChatModel | None,
@@ -346,16 +355,11 @@ def _run_identity(
     out: dict[str, Any] = {}
     if ds.path is not None and Path(ds.path).is_file():
         out["dataset_sha256"] = file_sha256(ds.path)
-    if model is not None:
-        try:
-            out["model"] = dict(model.identity())
-        except Exception as e:  # noqa: BLE001 - cannot tell: not checked
-            log.warning("model identity unavailable: %s", e)
+    if model is not None and (identity := _model_identity(model, "model")) is not None:
+        out["model"] = identity
     for purpose, m in sorted((purpose_models or {}).items()):
-        try:
-            out.setdefault("purpose_models", {})[purpose] = dict(m.identity())
-        except Exception as e:  # noqa: BLE001 - cannot tell: not checked
-            log.warning("model identity unavailable (%s): %s", purpose, e)
+        if (identity := _model_identity(m, purpose)) is not None:
+            out.setdefault("purpose_models", {})[purpose] = identity
     if retrieves:
         out["kb_indexes"] = {i.name: manifest_id(registry.get(i.name)) for i in registry.infos}
     return out
