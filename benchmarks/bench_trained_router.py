@@ -44,6 +44,7 @@ The terse router (sft-v3 continued for 60 updates on the same gold paths in the 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -139,6 +140,13 @@ def main() -> None:
         "--onpolicy-updates", type=int, default=8, help="Step-GRPO updates per on-policy round"
     )
     ap.add_argument(
+        "--sft-data",
+        type=Path,
+        default=None,
+        help="sft: train on these step samples (e.g. a `kbrouter synth` teacher run on the "
+        "same training questions) instead of the gold paths of the steps stage",
+    )
+    ap.add_argument(
         "--routing-only",
         action="append",
         default=[],
@@ -207,11 +215,34 @@ def main() -> None:
 
     sft_dir = args.runs / "sft"
     if "sft" in stages and not (sft_dir / "final" / "kbrouter_train.json").is_file():
+        from kbrouter.policies.prompts import detect_router_prompt
         from kbrouter.train.config import SFTConfig
         from kbrouter.train.sft import train_sft
         from kbrouter.train.steps import read_steps
 
-        samples = read_steps(steps_path)
+        samples = read_steps(args.sft_data or steps_path)
+        if args.sft_data is not None:
+            leaked = {s.trajectory_id for s in samples} & val_ids
+            if leaked:
+                raise SystemExit(f"{args.sft_data}: validation questions in training: {leaked}")
+            counts = dict(collections.Counter(s.kind for s in samples))
+            (args.runs / "sft_data.json").write_text(
+                json.dumps(
+                    {
+                        "sft_data": str(args.sft_data),
+                        "questions": len({s.trajectory_id for s in samples}),
+                        "samples": counts,
+                        "router_prompt": sorted(
+                            {
+                                str(detect_router_prompt(s.messages))
+                                for s in samples
+                                if s.kind == "ret"
+                            }
+                        ),
+                    },
+                    indent=2,
+                )
+            )
         config = SFTConfig(
             model=args.base,
             output_dir=sft_dir,
@@ -602,8 +633,11 @@ def _evaluate(args, registry, ds, val) -> None:  # noqa: ANN001
         }
     )
     data_info = None
-    if (args.runs / "gold_steps.json").is_file():
-        data_info = json.loads((args.runs / "gold_steps.json").read_text())
+    for info in ("sft_data.json", "gold_steps.json"):  # the data the SFT run trained on
+        if (args.runs / info).is_file():
+            data_info = json.loads((args.runs / info).read_text())
+            break
+    if data_info is not None:
         data_info.pop("validation_ids", None)
         data_info["runs"] = str(args.runs.resolve().relative_to(REPO))
     for ref in args.reference:  # name=FILE#METHOD: a committed row of the routing benchmark

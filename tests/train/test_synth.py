@@ -285,3 +285,51 @@ def test_gold_kb_router_without_a_grammar_re_asks_for_the_gold_kb() -> None:
     # a question without gold KBs routes freely
     free = synthesize(examples()[1:], engine, threshold=0.0)
     assert free[0].target.retrievers == ["text"]
+
+
+def test_attempts_rerun_only_dropped_questions_sampling_with_a_moved_seed() -> None:
+    """Rejection sampling: a dropped question is run again at the retry temperature with the
+    seed moved by the attempt; a kept one is not; each question is reported once."""
+    import asyncio
+
+    from kbrouter.train.synth import synthesize_async
+
+    finals = {"Prado": 0}
+
+    def reply(messages: list[ChatMessage]) -> str:
+        if _kind(messages) == "final" and "Prado" in messages[-1].text():
+            finals["Prado"] += 1  # wrong the first time, right the second
+            return "<think>done</think><answer>" + ("London" if finals["Prado"] == 1 else "Madrid")
+        return teacher_reply(messages).replace("London", "Madrid")
+
+    model = ScriptedChatModel(reply)
+    engine = Engine(
+        model, StaticKBRegistry([_text_kb()]), R1RouterPolicy(), EngineConfig(max_steps=3, seed=5)
+    )
+    reported: list[tuple[str, bool]] = []
+    report = asyncio.run(
+        synthesize_async(
+            examples(),
+            engine,
+            attempts=3,
+            retry_temperature=0.9,
+            on_example=lambda ex, traj, kept: reported.append((ex.id, bool(kept))),
+        )
+    )
+    assert report.kept == 2 and report.kept_at_attempt == {0: 1, 1: 1}
+    assert report.runs == 3 and not report.dropped  # q1 once, q2 twice: no third attempt
+    assert sorted(reported) == [("q1", True), ("q2", True)]
+    assert {s.trajectory_id for s in report.samples} == {"q1", "q2"}
+    # the first attempt ran as configured (greedy, seed 5); the retry sampled at 0.9, seed 6
+    sampling = {(p.temperature, p.seed) for _, p in model.requests}
+    assert sampling == {(0.0, 5), (0.9, 6)}
+    retried = [m for m, p in model.requests if p.temperature == 0.9 and _kind(m) != "sub"]
+    assert retried and all(any("Prado" in x.text() for x in m) for m in retried)
+
+    # a question that never passes is reported once, dropped, after all its attempts
+    model = ScriptedChatModel(teacher_reply)
+    engine = Engine(model, StaticKBRegistry([_text_kb()]), R1RouterPolicy())
+    report = asyncio.run(synthesize_async(examples(), engine, attempts=3))
+    assert report.kept == 1 and report.dropped == {"low_recall": 1} and report.runs == 4
+    with pytest.raises(ValueError, match="retry_temperature"):
+        asyncio.run(synthesize_async(examples(), engine, attempts=2, retry_temperature=0.0))

@@ -86,3 +86,28 @@ def test_synth_leaves_excluded_questions_out(
     ids.write_text("[1, 2]")
     bad = runner.invoke(app, [*args[:-1], str(ids)])
     assert bad.exit_code != 0 and "list of question ids" in bad.stdout + (bad.stderr or "")
+
+
+def test_synth_attempts_record_the_attempt_that_ended_each_question(
+    mkqa_registry, mkqa_config_path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """--attempts re-runs a dropped question at --retry-temperature; the progress file says
+    which attempt ended it. A greedy retry is refused before any work."""
+    import json
+
+    teacher = ScriptedChatModel(_reply, supports_grammar=True)  # answers "x": never right
+    monkeypatch.setattr("kbrouter.models.registry.load_model", lambda spec, **kw: teacher)
+    args = [
+        "synth", "-d", "mkqa-mini", "--teacher", "scripted", "--kbs", str(mkqa_config_path),
+        "--out", str(tmp_path / "s.jsonl"), "--limit", "2", "--max-steps", "1",
+        "--seed", "3", "--attempts", "2",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stdout + (result.stderr or "")
+    progress = [json.loads(x) for x in (tmp_path / "s.jsonl.progress.jsonl").read_text().splitlines()]
+    assert [(p["kept"], p["attempt"]) for p in progress] == [(False, 1), (False, 1)]
+    temperatures = {(p.temperature, p.seed) for _, p in teacher.requests}
+    assert temperatures == {(0.0, 3), (0.7, 4)}
+    bad = runner.invoke(app, [*args, "--retry-temperature", "0", "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "--retry-temperature" in bad.stdout + (bad.stderr or "")
+    assert not (tmp_path / "b.progress.jsonl").exists()

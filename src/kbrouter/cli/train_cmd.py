@@ -373,6 +373,16 @@ def synth_command(
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Use N questions."),
     seed: int = typer.Option(0, "--seed", help="Selection and sampling seed."),
     temperature: float = typer.Option(0.0, "--temperature", help="Teacher sampling temperature."),
+    attempts: int = typer.Option(
+        1,
+        "--attempts",
+        min=1,
+        help="Trajectories per question at most (rejection sampling): a dropped question is "
+        "run again at --retry-temperature with the seed moved by the attempt, until one passes.",
+    ),
+    retry_temperature: float = typer.Option(
+        0.7, "--retry-temperature", help="Teacher sampling temperature of attempts after the first."
+    ),
     max_steps: int = typer.Option(3, "--max-steps", min=0, help="Retrieval-step budget."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Questions in flight."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Replay cache folder."),
@@ -423,6 +433,10 @@ def synth_command(
     with cli_errors():
         if router_prompt not in ROUTER_PROMPTS:
             raise ConfigError(f"--router-prompt must be one of {ROUTER_PROMPTS}")
+        if attempts > 1 and retry_temperature <= 0.0:
+            raise ConfigError(
+                "--attempts > 1 needs --retry-temperature > 0 (a greedy re-run repeats the first)"
+            )
         kbs_path = kbs or DEMO_CONFIG
         if kbs is None:
             err_console.print(f"[yellow]note:[/] no --kbs given; using the demo KBs {kbs_path}")
@@ -482,9 +496,10 @@ def synth_command(
                 for s in kept:
                     fh.write(s.model_dump_json() + "\n")
                 fh.flush()
-                pfh.write(
-                    json.dumps({"id": ex.id, "kept": bool(kept), "answer": traj.answer}) + "\n"
-                )
+                # the attempt that ended the question (its sampling seed is seed + attempt)
+                attempt = int(traj.config.get("engine", {}).get("seed", seed)) - seed
+                record = {"id": ex.id, "kept": bool(kept), "answer": traj.answer}
+                pfh.write(json.dumps({**record, "attempt": attempt}) + "\n")
                 pfh.flush()
                 bar.advance(task)
 
@@ -497,6 +512,8 @@ def synth_command(
                         concurrency=concurrency,
                         on_example=on_example,
                         dedupe=dedupe,
+                        attempts=attempts,
+                        retry_temperature=retry_temperature,
                     )
                 )
             finally:
@@ -507,7 +524,8 @@ def synth_command(
     console.print(
         f"kept {report.kept}/{report.total} trajectories this run "
         f"(dropped: {dict(report.dropped) or 'none'}; cut at a repeated step: "
-        f"{report.deduplicated}); {len(samples)} step samples in {out}"
+        f"{report.deduplicated}; kept by attempt: {dict(sorted(report.kept_at_attempt.items()))}"
+        f", {report.runs} trajectories run); {len(samples)} step samples in {out}"
     )
 
 

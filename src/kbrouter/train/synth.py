@@ -26,6 +26,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from kbrouter.policies.r1router import R1RouterPolicy
@@ -59,6 +60,10 @@ class SynthReport:
     """Final-answer F1-Recall per example id."""
     deduplicated: int = 0
     """Kept trajectories with repeated steps left out (see :func:`trajectory_to_samples`)."""
+    kept_at_attempt: Counter[int] = field(default_factory=Counter)
+    """Kept trajectories by the attempt that produced them (0: the first, as configured)."""
+    runs: int = 0
+    """Trajectories run, over all attempts."""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(s.kind for s in self.samples))
@@ -226,52 +231,111 @@ async def synthesize_async(
     concurrency: int | None = None,
     on_example: Callable[[EvalExample, Trajectory, list[StepSample]], None] | None = None,
     dedupe: bool = True,
+    attempts: int = 1,
+    retry_temperature: float = 0.7,
 ) -> SynthReport:
     """Run the teacher ``engine`` on the examples and keep trajectories with recall >= threshold.
 
     ``dedupe``: leave repeated steps of kept trajectories out of the samples, cutting at the
     first repeat when nothing new follows it (see :func:`trajectory_to_samples`).
 
-    ``on_example(example, trajectory, kept_samples)`` is called as each question finishes
-    (``kept_samples`` empty when the trajectory was dropped), e.g. to write incrementally.
+    ``attempts``: rejection sampling. A question whose trajectory is dropped is run again, up to
+    ``attempts`` trajectories in all; attempt *a* >= 1 samples at ``retry_temperature`` with
+    seed ``engine seed + a`` (reproducible), and the first trajectory that passes is kept. The
+    first attempt runs as the engine is configured (greedy by default). Attempts go in passes:
+    every question's first attempt, then the second attempt of the ones dropped, and so on.
+
+    ``on_example(example, trajectory, kept_samples)`` is called once per question, when it is
+    kept or its last attempt is dropped (``kept_samples`` empty then), e.g. to write
+    incrementally.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    if attempts > 1 and retry_temperature <= 0.0:
+        raise ValueError(
+            "attempts > 1 needs retry_temperature > 0: a greedy re-run repeats the first attempt"
+        )
     report = SynthReport(total=len(examples))
     per_example: list[list[StepSample]] = [[] for _ in examples]
+    # questions carry their example's id (a policy such as GoldKBRouter looks them up by it)
+    questions = [
+        ex.question if ex.question.id else ex.question.model_copy(update={"id": ex.id})
+        for ex in examples
+    ]
 
-    def on_result(i: int, traj: Trajectory) -> None:
+    def judge(i: int, traj: Trajectory, attempt: int, last: bool) -> bool:
+        """Record question ``i``'s trajectory; False when it is to be run again."""
         ex = examples[i]
+        report.runs += 1
         keep, recall, reason = judge_trajectory(traj, ex.golds, threshold, paper_compat)
-        report.recalls[ex.id] = recall
+        report.recalls[ex.id] = max(recall, report.recalls.get(ex.id, 0.0))
+        if not keep and not last:
+            return False
         if keep:
             per_example[i] = trajectory_to_samples(
                 traj, ex.golds, source=ex.source, trajectory_id=ex.id, dedupe=dedupe
             )
             report.kept += 1
+            report.kept_at_attempt[attempt] += 1
             if _repeated_steps(traj):
                 report.deduplicated += 1
         else:
             report.dropped[reason] += 1
         if on_example is not None:
             on_example(ex, traj, per_example[i])
+        return True
 
-    # questions carry their example's id (a policy such as GoldKBRouter looks them up by it)
-    questions = [
-        ex.question if ex.question.id else ex.question.model_copy(update={"id": ex.id})
-        for ex in examples
-    ]
-    await engine.answer_many(questions, concurrency=concurrency, on_result=on_result)
+    def collect(order: list[int], retry: list[int], attempt: int, j: int, traj: Trajectory) -> None:
+        if not judge(order[j], traj, attempt, last=attempt == attempts - 1):
+            retry.append(order[j])
+
+    pending = list(range(len(examples)))
+    for attempt in range(attempts):
+        if not pending:
+            break
+        runner = engine if attempt == 0 else _resampling(engine, attempt, retry_temperature)
+        retry: list[int] = []
+        await runner.answer_many(
+            [questions[i] for i in pending],
+            concurrency=concurrency,
+            on_result=partial(collect, pending, retry, attempt),
+        )
+        pending = sorted(retry)
     report.samples = [s for group in per_example for s in group]
     logger.info(
-        "synthesis: kept %d/%d trajectories (%s), %d step samples %s",
+        "synthesis: kept %d/%d trajectories (%s; by attempt %s), %d step samples %s",
         report.kept,
         report.total,
         dict(report.dropped),
+        dict(report.kept_at_attempt),
         len(report.samples),
         report.counts(),
     )
     return report
+
+
+def _resampling(engine: Engine, attempt: int, temperature: float) -> Engine:
+    """The teacher engine for a later attempt: the same model, KBs and policy, sampling at
+    ``temperature`` with the seed moved by ``attempt``."""
+    from kbrouter.engine.engine import Engine
+
+    cfg = engine.config
+    config = cfg.model_copy(
+        update={
+            "seed": cfg.seed + attempt,
+            "sampling": cfg.sampling.model_copy(update={"temperature": temperature}),
+        }
+    )
+    return Engine(
+        engine.model,
+        engine.kbs,
+        engine.policy,
+        config,
+        on_event=engine.on_event,
+        purpose_models=engine.purpose_models,
+    )
 
 
 def synthesize(
@@ -282,6 +346,8 @@ def synthesize(
     paper_compat: bool = False,
     concurrency: int | None = None,
     dedupe: bool = True,
+    attempts: int = 1,
+    retry_temperature: float = 0.7,
 ) -> list[StepSample]:
     """Blocking :func:`synthesize_async` returning only the step samples."""
     report = asyncio.run(
@@ -292,6 +358,8 @@ def synthesize(
             paper_compat=paper_compat,
             concurrency=concurrency,
             dedupe=dedupe,
+            attempts=attempts,
+            retry_temperature=retry_temperature,
         )
     )
     return report.samples
