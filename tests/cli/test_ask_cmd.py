@@ -176,3 +176,17 @@ def test_ask_takes_a_model_per_call_purpose(lexical_config: Path, fake_server):
         result = runner.invoke(app, [*base, *bad])
         assert result.exit_code != 0 and message in _out(result), _out(result)
         assert "Traceback" not in _out(result)
+
+
+@pytest.mark.parametrize("command", ["serve", "mcp"])
+def test_serve_and_mcp_refuse_a_bad_model_for_before_any_work(command: str, tmp_path: Path):
+    """``serve`` and ``mcp`` take ``--model-for`` as ``ask`` does; a bad pair fails before any
+    KB or model is opened (the KB config named here does not even exist)."""
+    kbs = str(tmp_path / "missing.toml")
+    for bad, message in [
+        (["--model-for", "route"], "expects PURPOSE=SPEC"),
+        (["--model-for", "reading=llama-cpp"], "unknown call purpose 'reading'"),
+    ]:
+        result = runner.invoke(app, [command, "--kbs", kbs, *bad])
+        assert result.exit_code != 0 and message in _out(result), _out(result)
+        assert "Traceback" not in _out(result)

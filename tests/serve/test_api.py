@@ -292,3 +292,29 @@ def test_results_saved_without_messages_still_show(tmp_path):
 
     call = ModelCall.model_validate({"purpose": "final", "output": "<answer>x</answer>"})
     assert call.messages == []
+
+
+def test_a_model_per_call_purpose_answers_its_calls(registry):
+    """``purpose_models``: the final answers come from their own model; readiness pings every
+    model; the trajectory records both; an unknown purpose is refused when the app is built."""
+    from kbrouter.errors import ConfigError
+
+    main = ScriptedChatModel(reply, name="main")
+    final = ScriptedChatModel(lambda messages: "<answer>Canberra, ACT</answer>", name="finals")
+    app = create_app(main, registry, ServeConfig(), purpose_models={"final": final})
+    with TestClient(app) as c:
+        assert c.get("/readyz").json() == {"ready": True}
+        body = c.post("/v1/answer", json={"question": QUESTION}).json()
+    assert body["answer"] == "Canberra, ACT"
+    assert body["trajectory"]["config"]["purpose_models"]["final"]["name"] == "finals"
+    final_prompts = [m for m, _ in final.requests if m[-1].text() != "ping"]
+    assert len(final_prompts) == 1 and QUESTION in final_prompts[0][-1].text()
+    assert all("What is the answer to the question?" not in m[-1].text() for m, _ in main.requests)
+
+    down = ScriptedChatModel(reply, fail_at=[0], name="finals")
+    app = create_app(main, registry, ServeConfig(), purpose_models={"final": down})
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "scripted failure" in r.json()["reason"]
+    with pytest.raises(ConfigError, match="unknown call purpose 'judge'"):
+        create_app(main, registry, ServeConfig(), purpose_models={"judge": final})

@@ -8,12 +8,18 @@ from typing import Any
 
 import typer
 
-from kbrouter.cli.common import DEMO_CONFIG, cli_errors, err_console
+from kbrouter.cli.common import DEMO_CONFIG, cli_errors, err_console, parse_purpose_models
 
 
 def serve_command(
     kbs: Path = typer.Option(DEMO_CONFIG, "--kbs", "-c", help="kbs.toml of the KBs to serve."),
     model: str = typer.Option("llama-cpp", "--model", "-m", help="Chat backend spec."),
+    model_for: list[str] = typer.Option(
+        [],
+        "--model-for",
+        help="PURPOSE=SPEC (repeatable): another model for one call purpose (route, "
+        "sub_answer, final, generate, read), as in `kbrouter ask`.",
+    ),
     router: Path | None = typer.Option(
         None, "--router", help="Saved learned router (adds learned-router and hybrid)."
     ),
@@ -44,9 +50,11 @@ def serve_command(
     with cli_errors():
         key = _api_key(api_key_env)
         config = _config(method, router, max_concurrent, api_key=key, otlp_endpoint=otlp_endpoint)
+        for_purpose = parse_purpose_models(model_for)  # a bad one fails before any loading
         registry = _open_registry(kbs, quiet=False)
         chat_model = _load_model(model, quiet=False)
-        app = create_app(chat_model, registry, config)
+        extra = {p: _load_model(spec, quiet=False) for p, spec in for_purpose.items()}
+        app = create_app(chat_model, registry, config, purpose_models=extra)
     import uvicorn
 
     err_console.print(
@@ -87,6 +95,12 @@ def _config(method: str, router: Path | None, max_concurrent: int, **extra: Any)
 def mcp_command(
     kbs: Path = typer.Option(DEMO_CONFIG, "--kbs", "-c", help="kbs.toml of the KBs to serve."),
     model: str = typer.Option("llama-cpp", "--model", "-m", help="Chat backend spec."),
+    model_for: list[str] = typer.Option(
+        [],
+        "--model-for",
+        help="PURPOSE=SPEC (repeatable): another model for one call purpose (route, "
+        "sub_answer, final, generate, read), as in `kbrouter ask`.",
+    ),
     router: Path | None = typer.Option(
         None, "--router", help="Saved learned router (adds learned-router and hybrid)."
     ),
@@ -115,10 +129,12 @@ def mcp_command(
         if key and transport != "http":
             raise ConfigError("--api-key-env applies to --transport http (stdio has no clients)")
         config = _config(method, router, max_concurrent)
+        for_purpose = parse_purpose_models(model_for)
         # stdout is the stdio transport's channel: progress and notes go to stderr only
         registry = _open_registry(kbs, quiet=True)
         chat_model = _load_model(model, quiet=True)
-        server = create_mcp_server(chat_model, registry, config)
+        extra = {p: _load_model(spec, quiet=True) for p, spec in for_purpose.items()}
+        server = create_mcp_server(chat_model, registry, config, purpose_models=extra)
     if transport == "stdio":
         server.run("stdio")
     else:

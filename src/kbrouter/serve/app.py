@@ -44,7 +44,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -251,9 +251,18 @@ class Service:
     """What the app's handlers share: model, KBs, engines, limits, uploaded images."""
 
     def __init__(
-        self, model: ChatModel, registry: KBSource, config: ServeConfig, tracer: Any = None
+        self,
+        model: ChatModel,
+        registry: KBSource,
+        config: ServeConfig,
+        tracer: Any = None,
+        purpose_models: Mapping[str, ChatModel] | None = None,
     ) -> None:
+        from kbrouter.engine.engine import check_purposes
+
+        check_purposes(purpose_models or {})
         self.model, self.registry, self.config = model, registry, config
+        self.purpose_models = dict(purpose_models or {})
         self._owns_tracer = tracer is None and bool(config.otlp_endpoint)
         if self._owns_tracer:
             from kbrouter.serve import tracing
@@ -276,9 +285,10 @@ class Service:
             for info in self.registry.infos:
                 self.registry.get(info.name)  # opens the index (a clear error if broken)
             self.engine(None, None, None)  # the default method, built before the first request
-            await self.model.chat(
-                [ChatMessage(role="user", content="ping")], SamplingParams(max_tokens=1)
-            )
+            for model in (self.model, *self.purpose_models.values()):
+                await model.chat(
+                    [ChatMessage(role="user", content="ping")], SamplingParams(max_tokens=1)
+                )
         except Exception as e:  # noqa: BLE001 - readiness reports it
             self.not_ready_reason = f"{type(e).__name__}: {e}"
             log.error("not ready: %s", self.not_ready_reason)
@@ -317,7 +327,11 @@ class Service:
             except KBRouterError as e:
                 raise _HTTPError(400, str(e)) from None
             engine = Engine(
-                self.model, self.registry, policy, EngineConfig(max_steps=key[1], top_k=key[2])
+                self.model,
+                self.registry,
+                policy,
+                EngineConfig(max_steps=key[1], top_k=key[2]),
+                purpose_models=self.purpose_models,
             )
             self.engines[key] = engine
         return engine
@@ -550,13 +564,15 @@ def create_app(
     config: ServeConfig | None = None,
     *,
     tracer: Any = None,
+    purpose_models: Mapping[str, ChatModel] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` over ``registry`` (see the module docstring).
 
     ``tracer``: an :class:`~kbrouter.serve.tracing.OpenInferenceTracer` (else one is built when
-    ``config.otlp_endpoint`` is set; else no spans)."""
+    ``config.otlp_endpoint`` is set; else no spans). ``purpose_models``: backends for some call
+    purposes, as in :class:`~kbrouter.engine.engine.Engine` (readiness pings them too)."""
     cfg = config or ServeConfig()
-    service = Service(model, registry, cfg, tracer)
+    service = Service(model, registry, cfg, tracer, purpose_models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from kbrouter.engine.runtime import KBSource
@@ -26,13 +26,19 @@ __all__ = ["create_mcp_server", "mcp_http_app"]
 
 
 def create_mcp_server(
-    model: ChatModel, registry: KBSource, config: ServeConfig | None = None
+    model: ChatModel,
+    registry: KBSource,
+    config: ServeConfig | None = None,
+    *,
+    purpose_models: Mapping[str, ChatModel] | None = None,
 ) -> Any:
-    """An ``mcp.server.mcpserver.MCPServer`` exposing the KBs and the answering engine."""
+    """An ``mcp.server.mcpserver.MCPServer`` exposing the KBs and the answering engine
+    (``purpose_models``: backends for some call purposes, as in
+    :class:`~kbrouter.engine.engine.Engine`)."""
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
 
-    service = Service(model, registry, config or ServeConfig())
+    service = Service(model, registry, config or ServeConfig(), purpose_models=purpose_models)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
