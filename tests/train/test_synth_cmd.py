@@ -104,7 +104,8 @@ def test_synth_attempts_record_the_attempt_that_ended_each_question(
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stdout + (result.stderr or "")
-    progress = [json.loads(x) for x in (tmp_path / "s.jsonl.progress.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "s.jsonl.progress.jsonl").read_text().splitlines()
+    progress = [json.loads(x) for x in lines]
     assert [(p["kept"], p["attempt"]) for p in progress] == [(False, 1), (False, 1)]
     temperatures = {(p.temperature, p.seed) for _, p in teacher.requests}
     assert temperatures == {(0.0, 3), (0.7, 4)}
