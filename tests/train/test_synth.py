@@ -287,9 +287,10 @@ def test_gold_kb_router_without_a_grammar_re_asks_for_the_gold_kb() -> None:
     assert free[0].target.retrievers == ["text"]
 
 
-def test_attempts_rerun_only_dropped_questions_sampling_with_a_moved_seed() -> None:
+def test_attempts_rerun_only_dropped_questions_sampling_with_a_moved_seed(tmp_path: Path) -> None:
     """Rejection sampling: a dropped question is run again at the retry temperature with the
-    seed moved by the attempt; a kept one is not; each question is reported once."""
+    seed moved by the attempt (never replayed from the first attempt's cache); a kept one is
+    not; each question is reported once."""
     import asyncio
 
     from kbrouter.train.synth import synthesize_async
@@ -304,7 +305,10 @@ def test_attempts_rerun_only_dropped_questions_sampling_with_a_moved_seed() -> N
 
     model = ScriptedChatModel(reply)
     engine = Engine(
-        model, StaticKBRegistry([_text_kb()]), R1RouterPolicy(), EngineConfig(max_steps=3, seed=5)
+        model,
+        StaticKBRegistry([_text_kb()]),
+        R1RouterPolicy(),
+        EngineConfig(max_steps=3, seed=5, cache_dir=tmp_path / "cache"),
     )
     reported: list[tuple[str, bool]] = []
     report = asyncio.run(

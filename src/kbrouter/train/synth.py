@@ -297,11 +297,15 @@ async def synthesize_async(
             break
         runner = engine if attempt == 0 else _resampling(engine, attempt, retry_temperature)
         retry: list[int] = []
-        await runner.answer_many(
-            [questions[i] for i in pending],
-            concurrency=concurrency,
-            on_result=partial(collect, pending, retry, attempt),
-        )
+        try:
+            await runner.answer_many(
+                [questions[i] for i in pending],
+                concurrency=concurrency,
+                on_result=partial(collect, pending, retry, attempt),
+            )
+        finally:
+            if runner is not engine:
+                runner.close()  # its replay cache; the model is the caller's
         pending = sorted(retry)
     report.samples = [s for group in per_example for s in group]
     logger.info(
