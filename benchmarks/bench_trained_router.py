@@ -795,11 +795,16 @@ def _write_md(path: Path, summary: dict) -> None:
             )
     trained = {n: m["training"] for n, m in summary["models"].items() if m.get("training")}
     if trained:
-        lines += ["", "Training (gold-path step samples; updates, samples, seconds):", ""]
+        lines += ["", "Training (step samples; updates, samples, seconds):", ""]
         for name, t in trained.items():
             data = t.get("data") or {}
             parts = []
-            if data:
+            if data.get("sft_data"):  # other step samples (--sft-data), e.g. a teacher run
+                parts.append(
+                    f"data {data.get('runs', '')}: {data['sft_data']}, {data['questions']} "
+                    f"questions, samples {data['samples']}"
+                )
+            elif data:
                 parts.append(
                     f"data {data.get('runs', '')}: {data['kept']} of {data['train_questions']} "
                     f"training questions kept ({data['dropped']}), samples {data['samples']}"
