@@ -9,7 +9,7 @@ import pytest
 
 from kbrouter.engine.engine import Engine, EngineConfig
 from kbrouter.policies.r1router import R1RouterPolicy
-from kbrouter.reading.margin import within_margin
+from kbrouter.reading.margin import relevance, within_margin
 from kbrouter.testing import ScriptedChatModel, demo_registry
 from kbrouter.types import Query, Question
 
@@ -27,8 +27,8 @@ def test_an_image_match_stands_alone_within_any_sensible_margin(demo_kbs):
     flag = DEMO / "questions" / "flag.jpg"
     [hits] = demo_kbs.get("images").search([Query(text="flag", image=flag)], 5)
     assert hits[0].id == "flag_au" and hits[0].score > 0.9 > 0.1 > hits[1].score
-    assert [e.id for e in within_margin(hits, 0.5)] == ["flag_au"]
-    assert within_margin(hits, 1.0) == hits  # margin 1 keeps everything
+    for margin in (0.0, 0.5, 1.0):  # the other flags are 0.5-0.6 similar: a margin alone
+        assert [e.id for e in within_margin(hits, margin)] == ["flag_au"]  # would keep them
 
 
 def test_bm25_hits_within_the_margin_keep_their_order(tmp_path):
@@ -42,6 +42,22 @@ def test_bm25_hits_within_the_margin_keep_their_order(tmp_path):
     with pytest.raises(ValueError, match="fraction"):
         within_margin(hits, 1.5)
     assert within_margin([], 0.2) == []
+
+
+def test_hybrid_hits_are_compared_by_their_cosine_not_their_fused_rank(demo_kbs):
+    # reciprocal-rank scores differ by rank only (0.0328, 0.0320, ...); the cosine separates the
+    # statue's passage (about 0.73) from the next country passages (about 0.25)
+    question = "Which country is the Christ the Redeemer statue in?"
+    [hits] = demo_kbs.get("text").search([Query(text=question)], 5)
+    assert all(e.metadata["fused"] for e in hits) and hits[1].score > 0.9 * hits[0].score
+    assert [e.id for e in within_margin(hits, 0.25)] == ["christ_the_redeemer"]
+    assert [relevance(e) for e in hits] == [e.metadata["scores"]["dense"] for e in hits]
+    assert within_margin(hits, 1.0) == hits
+    # a fused item that the dense ranking did not return counts 0 (the first item always stays)
+    bm25_only = hits[1].model_copy(update={"metadata": {"fused": True, "scores": {"bm25": 9.0}}})
+    assert relevance(bm25_only) == 0.0
+    assert within_margin([bm25_only, hits[0]], 0.25) == [bm25_only, hits[0]]
+    assert within_margin([hits[0], bm25_only], 0.25) == [hits[0]]
 
 
 def test_the_loop_shows_only_evidence_within_the_margin(demo_kbs):

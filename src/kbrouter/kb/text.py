@@ -10,8 +10,9 @@ An index directory holds::
 
 Search modes (``retrieval.mode``): ``dense`` (cosine over encoder vectors), ``bm25``, or
 ``hybrid`` (both fused by reciprocal rank). Evidence ``score`` is the cosine or BM25 score for a
-single ranking and the RRF score when several rankings are fused; the per-ranking scores are in
-``metadata["scores"]``. Text and table KBs ignore a query's image.
+single ranking and the RRF score when several rankings are fused (then ``metadata["fused"]`` is
+true); the per-ranking scores are in ``metadata["scores"]``. Text and table KBs ignore a query's
+image.
 """
 
 from __future__ import annotations
@@ -541,7 +542,11 @@ class IndexedKB(KnowledgeBase):
             self.to_evidence(
                 self.items[row],
                 float(score),
-                {"scores": detail.get(row, {}), **({"pinned": True} if row in pinned_rows else {})},
+                {
+                    "scores": detail.get(row, {}),
+                    **({"fused": True} if len(per) > 1 else {}),
+                    **({"pinned": True} if row in pinned_rows else {}),
+                },
             )
             for row, score in ranked[:k]
         ]
