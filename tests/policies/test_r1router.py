@@ -412,6 +412,43 @@ def test_router_prompt_follows_the_model_record(demo_kbs, model_cls, setting, ex
         assert "question decomposition expert" in first_route[0].text()
 
 
+def test_router_prompt_follows_the_route_model_not_the_main_one(demo_kbs):
+    """With a trained router for the ``route`` purpose only (``--model-for route=...``), "auto"
+    is the variant that router records; the main model still writes the other calls."""
+    router_script = Script(
+        routes=[route("Which country is Canberra in?", "text"), route(None, None)]
+    )
+    reader_script = Script(routes=[])
+    router = TrainedScriptedModel(router_script, name="trained router")
+    reader = ScriptedChatModel(reader_script, name="reader")
+    engine = Engine(
+        reader,
+        demo_kbs,
+        R1RouterPolicy(**PAPER_READING),
+        EngineConfig(max_steps=2),
+        purpose_models={"route": router},
+    )
+    traj = engine.answer_sync("How many people live in the country of Canberra?")
+    assert traj.config["router_prompt_used"] == "compact"
+    assert len(router_script.seen["route"][0]) == 2  # system + the question: no few-shot turns
+    assert not reader_script.seen["route"] and reader_script.seen["sub"]
+    engine.close()
+
+    # and the other way round: a prompted router next to a trained main model gets the full
+    # few-shot prompt it needs
+    trained_main = TrainedScriptedModel(Script(routes=[]), name="trained main")
+    prompted = ScriptedChatModel(Script(routes=[route(None, None)]), name="prompted router")
+    engine = Engine(
+        trained_main,
+        demo_kbs,
+        R1RouterPolicy(**PAPER_READING, min_retrieval_steps=0),
+        EngineConfig(max_steps=2),
+        purpose_models={"route": prompted},
+    )
+    assert engine.answer_sync("Where is Canberra?").config["router_prompt_used"] == "full"
+    engine.close()
+
+
 class TerseScriptedModel(ScriptedChatModel):
     """A scripted model that records the terse router prompt (as an exported GGUF would)."""
 

@@ -35,6 +35,7 @@ def test_bm25_hits_within_the_margin_keep_their_order(tmp_path):
     lexical = demo_registry(tmp_path)
     [hits] = lexical.get("text").search([Query(text="Canberra capital city of Australia")], 5)
     lexical.close()
+    assert not any(e.metadata.get("fused") for e in hits)  # one ranking: scores are BM25
     kept = within_margin(hits, 0.3)
     assert kept and kept[0] == hits[0] and len(kept) < len(hits)
     assert all(e.score >= 0.7 * hits[0].score for e in kept)

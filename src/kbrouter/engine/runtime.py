@@ -425,7 +425,8 @@ class QuestionRuntime:
 
     @property
     def prompt_variant(self) -> str | None:
-        return self._ctx.model.prompt_variant
+        # the router prompt is the route calls' prompt: the variant of the model that makes them
+        return self._ctx.model_for("route").prompt_variant
 
     @property
     def supports_grammar(self) -> bool:

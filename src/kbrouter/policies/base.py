@@ -47,8 +47,8 @@ class Runtime(Protocol):
 
     @property
     def prompt_variant(self) -> str | None:
-        """The router prompt variant the model was trained with (a trained model records it,
-        e.g. in its GGUF metadata), or None."""
+        """The router prompt variant the model that answers ``route`` calls was trained with (a
+        trained model records it, e.g. in its GGUF metadata), or None."""
         ...
 
     @property
