@@ -140,8 +140,11 @@ class R1RouterConfig(BaseModel):
         None,
         ge=0.0,
         le=1.0,
-        description="Show only a search's items scoring at least (1 - margin) x its best score "
-        "(None: the top-k as retrieved). Off by default: not yet measured end to end. See "
+        description="Show only a search's items whose relevance is at least (1 - margin) x its "
+        "best (None: the top-k as retrieved); hybrid searches compare the dense cosine, and a "
+        "pinned image match stands alone. 0.25 is the value calibrated on training questions "
+        "(benchmarks/bench_margin.py); off by default: on 60 mkqa-mini questions at top-2 it "
+        "made no measurable difference (benchmarks/results/answers/, section 4). See "
         "kbrouter.reading.margin.",
     )
     continue_after_entity: bool = Field(
