@@ -20,13 +20,14 @@ import argparse
 import collections
 import json
 import os
-import random
+import sys
 import time
 from pathlib import Path
 
 from kbrouter.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 MARGINS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 
@@ -41,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from kbrouter.eval.datasets import load_dataset, select_examples
+    from bench_trained_router import split_questions
+    from kbrouter.eval.datasets import load_dataset
     from kbrouter.kb.registry import KBRegistry
     from kbrouter.reading.margin import within_margin
     from kbrouter.train.gold_paths import GoldPathBuilder, question_id
@@ -51,13 +53,7 @@ def main() -> None:
     registry = KBRegistry.from_config(args.kbs)
     registry.build(progress=False)
     ds = load_dataset("mkqa-mini")
-    held = select_examples(ds.examples, args.limit, seed=args.seed, stratify=True)
-    held_out = {e.id for e in held}
-    train = [e for e in ds.examples if e.id not in held_out]
-    wtq = [e for e in train if e.source == "wtq"]
-    random.Random(args.seed).shuffle(wtq)
-    keep = {e.id for e in wtq[: args.wtq_cap]}
-    train = [e for e in train if e.source != "wtq" or e.id in keep]
+    _, train = split_questions(ds.examples, args.limit, args.seed, args.wtq_cap)
     gold = {e.id: set(e.gold_evidence or ()) for e in train}
     report = GoldPathBuilder(registry, top_k=2).build(train)
     modality = {kb.name: kb.modality.value for kb in registry.config.kb}

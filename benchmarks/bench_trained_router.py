@@ -79,6 +79,20 @@ TRAINED = ("compact", "terse")
 """Router prompt variants a trained router is run with (the one its GGUF records)."""
 
 
+def split_questions(examples: list, limit: int, seed: int, wtq_cap: int) -> tuple[list, list]:
+    """(validation, training) mkqa-mini questions: ``limit`` seeded, source-stratified
+    validation questions, and the rest with wtq capped at ``wtq_cap`` (seeded)."""
+    from kbrouter.eval.datasets import select_examples
+
+    val = select_examples(examples, limit, seed=seed, stratify=True)
+    val_ids = {e.id for e in val}
+    train = [e for e in examples if e.id not in val_ids]
+    wtq = [e for e in train if e.source == "wtq"]
+    random.Random(seed).shuffle(wtq)
+    keep_wtq = {e.id for e in wtq[:wtq_cap]}
+    return val, [e for e in train if e.source != "wtq" or e.id in keep_wtq]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--stages", default="steps,sft,export,eval")
@@ -167,20 +181,14 @@ def main() -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from kbrouter.eval.datasets import load_dataset, select_examples
+    from kbrouter.eval.datasets import load_dataset
     from kbrouter.kb.registry import KBRegistry
 
     registry = KBRegistry.from_config(args.kbs)
     registry.build(progress=False)
     ds = load_dataset("mkqa-mini")
-    val = select_examples(ds.examples, args.limit, seed=args.seed, stratify=True)
+    val, train = split_questions(ds.examples, args.limit, args.seed, args.wtq_cap)
     val_ids = {e.id for e in val}
-    train = [e for e in ds.examples if e.id not in val_ids]
-    rng = random.Random(args.seed)
-    wtq = [e for e in train if e.source == "wtq"]
-    rng.shuffle(wtq)
-    keep_wtq = {e.id for e in wtq[: args.wtq_cap]}
-    train = [e for e in train if e.source != "wtq" or e.id in keep_wtq]
 
     steps_path = args.runs / "gold_steps.jsonl"
     steps_info = args.runs / "gold_steps.json"
