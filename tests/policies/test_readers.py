@@ -216,7 +216,14 @@ def test_pinned_alone_shows_only_the_image_match(tmp_path):
         img.write_bytes(b"x")
         route = "<think>t</think><sub-question>Which country's flag?</sub-question><ret>image</ret>"
         model = ScriptedChatModel([route, *outputs])
-        policy = make_policy("r1-router", pinned_alone=alone, image_entity=False, use_grammar=False)
+        # the relevance margin (on by default) also lets a pinned match stand alone: off here
+        policy = make_policy(
+            "r1-router",
+            pinned_alone=alone,
+            image_entity=False,
+            use_grammar=False,
+            relevance_margin=None,
+        )
         engine = Engine(model, StaticKBRegistry(_image_kbs(True)), policy, EngineConfig(top_k=2))
         from kbrouter.types import Question
 

@@ -556,6 +556,13 @@ def gold_paths_command(
         help="Also emit the first router step of questions dropped for a retrieval miss "
         "(origin gold-path-first-hop): the first gold KB is the right route either way.",
     ),
+    relevance_margin: str = typer.Option(
+        "default",
+        "--relevance-margin",
+        help="Relevance margin of the evidence a sub-answer sample shows, as the engine's "
+        "policy applies it: 'default' (R1-Router's default), 'none' (the top-k as retrieved) "
+        "or a number in [0, 1]. Match the policy the trained model will run with.",
+    ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Shared data folder."),
 ) -> None:
     """Assemble router and sub-answer step samples along the gold KB path of each question,
@@ -570,6 +577,7 @@ def gold_paths_command(
     with cli_errors():
         if router_prompt not in ROUTER_PROMPTS:
             raise ConfigError(f"--router-prompt must be one of {ROUTER_PROMPTS}")
+        margin = _margin_option(relevance_margin)
         examples = load_dataset(dataset, data_dir=data_dir).examples
         held: list[str] = []
         if holdout:
@@ -582,6 +590,7 @@ def gold_paths_command(
             top_k=top_k,
             router_prompt=router_prompt,  # type: ignore[arg-type]
             first_hops_of_dropped=first_hops_of_dropped,
+            **margin,
         )
         report = builder.build(examples)
         write_steps(report.samples, out)
@@ -692,3 +701,23 @@ def _synth_progress(progress_path: Path, out: Path) -> set[str]:
         os.replace(tmp, out)
         err_console.print(f"[yellow]note:[/] dropped {dropped} samples of unfinished questions")
     return done
+
+
+def _margin_option(value: str) -> dict[str, float | None]:
+    """``--relevance-margin`` as GoldPathBuilder keyword arguments (empty: the default)."""
+    from kbrouter.errors import ConfigError
+
+    text = value.strip().lower()
+    if text == "default":
+        return {}
+    if text == "none":
+        return {"relevance_margin": None}
+    try:
+        margin = float(text)
+    except ValueError:
+        margin = -1.0
+    if not 0.0 <= margin <= 1.0:
+        raise ConfigError(
+            f"--relevance-margin must be 'default', 'none' or a number in [0, 1], not {value!r}"
+        )
+    return {"relevance_margin": margin}

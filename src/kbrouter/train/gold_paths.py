@@ -25,7 +25,8 @@ query has no gold). Samples carry ``origin="gold-path"`` so they can be told apa
 samples (``origin="teacher"``) in one file.
 
 The path follows :class:`~kbrouter.policies.r1router.R1RouterPolicy` with its default reading
-settings (``identify_first``, ``pinned_alone``, ``answer_from_question_hop``).
+settings (``identify_first``, ``pinned_alone``, ``relevance_margin``,
+``answer_from_question_hop``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from typing import TYPE_CHECKING
 
 from kbrouter.policies.continuation import anchored_sub_question
 from kbrouter.policies.prompts import Hop, PromptBuilder, RouterPrompt, render_evidence
+from kbrouter.policies.r1router import R1RouterConfig
 from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
+from kbrouter.reading.margin import within_margin
 from kbrouter.train.steps import RouteTarget, StepSample
 from kbrouter.types import Evidence, Modality, Query, Question, Retrieval
 
@@ -135,6 +138,16 @@ def _gold_in(evidence: Sequence[Evidence], golds: Sequence[str]) -> str | None:
     return None
 
 
+class _PolicyDefault:
+    """Marks an argument left to the R1-Router policy's default."""
+
+    def __repr__(self) -> str:
+        return "<the policy's default>"
+
+
+_POLICY_DEFAULT = _PolicyDefault()
+
+
 class GoldPathBuilder:
     """Builds gold-path step samples over a KB registry.
 
@@ -153,6 +166,8 @@ class GoldPathBuilder:
             by what the KB returned. On mkqa-mini's training questions these add 42 text and 30
             table first hops (mostly musique and wtq). Nothing after the first hop is emitted
             for them (no sub-answer, no stop).
+        relevance_margin: the policy's ``relevance_margin`` (the default: R1-Router's), so a
+            sub-answer sample shows what the engine shows; None shows the top-k as retrieved.
     """
 
     def __init__(
@@ -165,8 +180,12 @@ class GoldPathBuilder:
         supports_images: bool = False,
         kb_map: dict[str, str] | None = None,
         first_hops_of_dropped: bool = False,
+        relevance_margin: float | None | _PolicyDefault = _POLICY_DEFAULT,
     ) -> None:
         self.registry = registry
+        if isinstance(relevance_margin, _PolicyDefault):
+            relevance_margin = R1RouterConfig().relevance_margin
+        self.relevance_margin = relevance_margin
         self.first_hops_of_dropped = first_hops_of_dropped
         self.top_k = top_k
         self.retrieve_k = retrieve_k
@@ -237,10 +256,13 @@ class GoldPathBuilder:
         return Retrieval(kb=kb, query=query, evidence=evidence)
 
     def _shown(self, retrieval: Retrieval) -> list[Evidence]:
-        """The engine's sub-answer evidence (R1RouterPolicy with pinned_alone)."""
+        """The engine's sub-answer evidence (R1RouterPolicy with pinned_alone and the
+        builder's relevance margin)."""
         top = retrieval.evidence[: self.top_k]
         if top and top[0].metadata.get("pinned"):
             return [e for e in top if e.metadata.get("pinned")]
+        if self.relevance_margin is not None:
+            return within_margin(top, self.relevance_margin)
         return top
 
     def _answer_hop(self, kb: str, sub_q: str, ex: EvalExample) -> _Hop:
