@@ -45,7 +45,12 @@ SQL = "<sql>SELECT COUNT(*) AS wins FROM t WHERE \"Winner\" = 'Team A'</sql>"
 
 
 def test_single_kb_sql_reader_counts_over_the_whole_table():
-    traj = _run("single-kb:table", [SQL, "<answer>3</answer>"], table_reader="sql")
+    traj = _run(
+        "single-kb:table",
+        [SQL, "<answer>3</answer>"],
+        table_reader="sql",
+        sql_reader={"answer_single_value": False},
+    )
     assert [c.purpose for c in traj.model_calls()] == ["read", "final"]
     read = traj.steps[0].read_calls[0]
     assert 'Table t ("Cup winners"): 4 rows' in read.messages[-1].text()  # both blocks
@@ -75,9 +80,28 @@ def test_a_reply_without_sql_or_a_failing_query_falls_back_to_the_rows():
         assert "1993 | Team A" in final_prompt and "Result of the SQL" not in final_prompt
 
 
+def test_a_one_value_result_is_the_answer_without_a_model_call():
+    """single-kb: the count is the answer (noted); all-kbs also shows a passage, so the model
+    reads the result with it."""
+    traj = _run("single-kb:table", [SQL], table_reader="sql")
+    assert [c.purpose for c in traj.model_calls()] == ["read"]
+    assert traj.answer == "3" and traj.final_call is None and traj.stop_reason == "answered"
+    assert any("one value, '3'; it is the answer" in n for n in traj.steps[0].notes)
+    both = _run("all-kbs", [SQL, "<answer>3</answer>"], table_reader="sql")
+    assert [c.purpose for c in both.model_calls()] == ["read", "final"]
+    final_prompt = both.final_call.messages[-1].text()
+    assert "Result: 3" in final_prompt and "Team A is a football club." in final_prompt
+    assert not any("one value" in n for n in both.steps[0].notes)
+
+
 def test_a_failed_query_is_corrected_once_with_the_error():
     bad = "<sql>SELECT COUNT(*) FROM t WHERE Champion = 'Team A'</sql>"
-    traj = _run("single-kb:table", [bad, SQL, "<answer>3</answer>"], table_reader="sql")
+    traj = _run(
+        "single-kb:table",
+        [bad, SQL, "<answer>3</answer>"],
+        table_reader="sql",
+        sql_reader={"answer_single_value": False},
+    )
     assert [c.purpose for c in traj.model_calls()] == ["read", "read", "final"]
     retry = traj.steps[0].read_calls[1].messages
     assert retry[-2].content == bad and "That query failed" in retry[-1].text()
@@ -90,8 +114,8 @@ def test_a_failed_query_is_corrected_once_with_the_error():
 
 
 def test_sql_reader_is_the_default_and_rows_make_no_extra_call():
-    traj = _run("single-kb:table", [SQL, "<answer>3</answer>"])
-    assert [c.purpose for c in traj.model_calls()] == ["read", "final"]
+    traj = _run("single-kb:table", [SQL])
+    assert [c.purpose for c in traj.model_calls()] == ["read"]  # a one-value result answers
     assert traj.config["table_reader"] == "sql"
     traj = _run("single-kb:table", ["<answer>1</answer>"], table_reader="rows")
     assert [c.purpose for c in traj.model_calls()] == ["final"]
@@ -107,7 +131,13 @@ def test_r1_router_loop_reads_tables_by_sql_before_the_sub_answer():
         "<think>done</think><sub-question>None</sub-question><ret>None</ret>",
         "<answer>3</answer>",
     ]
-    traj = _run("r1-router", outputs, table_reader="sql", use_grammar=False)
+    traj = _run(
+        "r1-router",
+        outputs,
+        table_reader="sql",
+        use_grammar=False,
+        sql_reader={"answer_single_value": False},
+    )
     assert [c.purpose for c in traj.model_calls()] == [
         "route",
         "read",
@@ -118,6 +148,14 @@ def test_r1_router_loop_reads_tables_by_sql_before_the_sub_answer():
     sub_prompt = traj.steps[0].answer_call.messages[-1].text()
     assert "Result: 3" in sub_prompt
     assert traj.answer == "3" and traj.config["table_reader"] == "sql"
+    # by default the one-value result is the sub-answer: no sub-answer call
+    outputs.remove("<answer>3</answer>")
+    traj = _run("r1-router", outputs, table_reader="sql", use_grammar=False)
+    assert [c.purpose for c in traj.model_calls()] == ["route", "read", "route", "final"]
+    assert traj.steps[0].sub_answer == "3" and traj.steps[0].answer_call is None
+    assert any("answers the sub-question without a model call" in n for n in traj.steps[0].notes)
+    assert "Answer 1: 3" in traj.final_call.messages[-1].text()
+    assert traj.answer == "3"
 
 
 def _image_kbs(pinned: bool) -> list[StaticKB]:

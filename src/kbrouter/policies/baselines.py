@@ -51,7 +51,7 @@ from kbrouter.policies.prompts import (
     question_content,
     render_evidence,
 )
-from kbrouter.policies.readers import TableReader, read_tables
+from kbrouter.policies.readers import TableReader, query_answer, read_tables
 from kbrouter.reading.sql import SQLReaderConfig
 from kbrouter.types import (
     ChatMessage,
@@ -361,6 +361,29 @@ class _Baseline(Policy):
         self._emit(rt, "final", traj.question, trajectory=traj)
         return traj
 
+    def _query_answered(
+        self, traj: Trajectory, evidence: list[Evidence], rt: Runtime, t0: float
+    ) -> Trajectory | None:
+        """``traj`` finished with the SQL reader's one-value result as its answer, when the
+        round's evidence gives one (:func:`~kbrouter.policies.readers.query_answer`)."""
+        if self.config.table_reader != "sql":
+            return None
+        value = query_answer(evidence, self.config.sql_reader)
+        if value is None:
+            return None
+        self._note(
+            rt,
+            traj.question,
+            traj.steps[-1],
+            f"table reader: the query's result is one value, {value!r}; it is the answer "
+            "(no final model call)",
+        )
+        traj.answer = value
+        traj.stop_reason = "answered"
+        traj.seconds = time.perf_counter() - t0
+        self._emit(rt, "final", traj.question, trajectory=traj)
+        return traj
+
     def _new(self, question: Question) -> Trajectory:
         return Trajectory(question=question, method=self.name, config=self.describe())
 
@@ -423,6 +446,8 @@ class SingleKBPolicy(_Baseline):
         step = Step(index=0)
         traj.steps.append(step)
         evidence = await self._round(question, question.text, [kb], rt, step)
+        if (answered := self._query_answered(traj, evidence, rt, t0)) is not None:
+            return answered
         call = await rt.chat(
             "final", self._evidence_messages(question, evidence, rt), self._answer_params(rt)
         )
@@ -441,6 +466,8 @@ class AllKBsPolicy(_Baseline):
         traj.steps.append(step)
         kbs = [kb.name for kb in rt.kbs]
         evidence = await self._round(question, question.text, kbs, rt, step)
+        if (answered := self._query_answered(traj, evidence, rt, t0)) is not None:
+            return answered
         call = await rt.chat(
             "final", self._evidence_messages(question, evidence, rt), self._answer_params(rt)
         )

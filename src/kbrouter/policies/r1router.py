@@ -35,7 +35,7 @@ from kbrouter.policies.prompts import (
     RouterPrompt,
     answer_grammar,
 )
-from kbrouter.policies.readers import TableReader, read_tables
+from kbrouter.policies.readers import TableReader, query_answer, read_tables
 from kbrouter.reading.images import IDENTIFY_QUESTION, asks_what_image_shows, identified_entity
 from kbrouter.reading.margin import within_margin
 from kbrouter.reading.sql import SQLReaderConfig
@@ -335,6 +335,20 @@ class R1RouterPolicy(Policy):
                 evidence = await read_tables(
                     self, question, action.sub_question, evidence, rt, step, self.config.sql_reader
                 )
+                value = query_answer(evidence, self.config.sql_reader)
+                if value is not None:
+                    step.sub_answer = value
+                    self._note(
+                        rt,
+                        question,
+                        step,
+                        f"table reader: the query's result is one value, {value!r}; it answers "
+                        "the sub-question without a model call",
+                    )
+                    just_identified = False
+                    history.append(Hop(action.sub_question, value, tuple(action.kbs)))
+                    self._emit(rt, "sub_answer", question, step=step)
+                    continue
 
             if (
                 self.config.carry_identified

@@ -8,12 +8,15 @@ policy, recorded with its results).
     block of each retrieved table, fetched by id) and DuckDB runs it in a sandbox
     (:mod:`kbrouter.reading.sql`); the result replaces the table rows in the evidence shown. A
     failed, refused, timed-out or empty query falls back to the rows. The query call is in
-    ``step.read_calls`` and the step's notes say what happened.
+    ``step.read_calls`` and the step's notes say what happened. A result that is one value
+    answers the step by itself when the step shows nothing but tables
+    (``SQLReaderConfig.answer_single_value``; :func:`query_answer`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from kbrouter.errors import KBRouterError
@@ -41,7 +44,7 @@ from kbrouter.types import (
 if TYPE_CHECKING:
     from kbrouter.policies.base import Policy, Runtime
 
-__all__ = ["TableReader", "read_tables"]
+__all__ = ["TableReader", "query_answer", "read_tables"]
 
 TableReader = Literal["rows", "sql"]
 
@@ -130,10 +133,30 @@ async def read_tables(
         title=f"Result of the SQL query {result.sql} over {titles}",
         modality=Modality.TABLE,
         table=None if single else result.table,
-        metadata={"reader": "sql", "sql": result.sql, "doc_ids": docs},
+        metadata={
+            "reader": "sql",
+            "sql": result.sql,
+            "doc_ids": docs,
+            **({"value": single_value(result.table)} if single else {}),
+        },
     )
     # the queried tables' rows are replaced by the result; other evidence stays
     return [
         answer,
         *(e for e in evidence if not (e.modality == Modality.TABLE and e.doc_id in docs)),
     ]
+
+
+def query_answer(evidence: Sequence[Evidence], config: SQLReaderConfig) -> str | None:
+    """The answer a step's evidence gives without a model call: the SQL reader's result when it
+    is one value and the step shows nothing but tables (the result first, then tables the
+    query was not offered); None otherwise, or when ``config.answer_single_value`` is off."""
+    if not config.answer_single_value or not evidence:
+        return None
+    first = evidence[0]
+    value = first.metadata.get("value") if first.metadata.get("reader") == "sql" else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    if any(e.modality != Modality.TABLE for e in evidence[1:]):
+        return None  # a passage or an image may say otherwise: the model reads them all
+    return value.strip()

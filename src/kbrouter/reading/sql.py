@@ -64,6 +64,13 @@ class SQLReaderConfig(BaseModel):
         description="Text comparisons, grouping and sorting ignore case (DuckDB's NOCASE "
         "collation): small models write 'st. louis bombers' for 'St. Louis Bombers'.",
     )
+    answer_single_value: bool = Field(
+        True,
+        description="When the query's result is one value (one row, one column) and the step "
+        "shows nothing but tables, that value is the (sub-)answer, without a model call (noted "
+        "in the trace). The 0.5B, shown 'Result: 6', answered 'the number of individuals'. See "
+        "benchmarks/results/answers/README.md, section 2.",
+    )
 
 
 @dataclass
