@@ -14,6 +14,7 @@ from kbrouter.policies.continuation import (
     asks_whole_question,
     content_words,
     continuation_reason,
+    is_copied_text,
     is_entity_answer,
 )
 from kbrouter.policies.prompts import Hop, answer_grammar
@@ -87,6 +88,25 @@ def test_a_continuing_sub_question_must_name_the_entity():
     assert anchored_sub_question(FLAG_Q, "What is the capital of Australia?", "Australia") is None
 
 
+def test_copied_text_is_several_sentences():
+    # what the prompted 0.5B wrote on mkqa-mini and the demo (its think text, copied)
+    for copied in [
+        "None in the image. I must identify it first, which needs a search with the image?",
+        "Grace Hopper's programming language for business data processing grew out of her "
+        "work. I still need to identify it first, which needs a search with the image itself?",
+        "None in the knowledge base. The image shows a flag of Colombia?",
+    ]:
+        assert is_copied_text(copied), copied
+    for one in [
+        "Which country is the Christ the Redeemer statue in?",
+        "How many times is the St. Louis Bombers listed?",
+        "What is the height of Mt. Kenya in metres?",
+        "Which team did the U.S. Army play in 1940?",
+        f"{FLAG_Q} (Flag of Australia)?",
+    ]:
+        assert not is_copied_text(one), one
+
+
 def test_asks_whole_question():
     assert asks_whole_question(FLAG_Q, f"  {FLAG_Q.upper()} (Flag of Australia)")
     assert not asks_whole_question(FLAG_Q, "What is the capital of Australia?")
@@ -151,6 +171,34 @@ def test_flag_capital_identifies_continues_anchors_and_answers_from_the_last_hop
     assert s2.action is not None and s2.action.is_stop
     assert any("its answer is the final answer" in n for n in s2.notes)
     assert traj.final_call is None
+
+
+def test_a_copied_sub_question_is_replaced_by_the_anchored_question(demo_kbs):
+    """After the image is identified, a continuing sub-question that copied the router's think
+    text is replaced by the question anchored on the entity (noted); the search uses it and,
+    as it asks the whole question, its answer is the final answer. Off: kept as written."""
+    question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
+    copied = "Australia is the country. I still need its capital, which is general knowledge?"
+    outputs = [
+        _route("What is shown in the image?", "images"),
+        STOP,
+        _route(copied, "text"),
+        "<answer>Canberra</answer>",
+        STOP,
+    ]
+    traj, model = _answer(demo_kbs, outputs, question)
+    anchored = f"{FLAG_Q} (Flag of Australia)"
+    s1 = traj.steps[1]
+    assert s1.action is not None and s1.action.sub_question == anchored
+    assert s1.retrievals[0].query.text == anchored
+    assert any("is several sentences (copied text)" in n for n in s1.notes)
+    assert traj.answer == "Canberra" and traj.final_call is None
+    assert [c.purpose for c in traj.model_calls()] == ["route"] * 3 + ["sub_answer", "route"]
+
+    kept, _ = _answer(demo_kbs, [*outputs, "<answer>Canberra</answer>"], question,
+                      replace_copied_sub_question=False)  # fmt: skip
+    assert kept.steps[1].action is not None and kept.steps[1].action.sub_question == copied
+    assert kept.final_call is not None  # the hop did not ask the whole question
 
 
 def test_a_refusal_to_the_whole_question_goes_to_the_final_answer_call(demo_kbs):

@@ -38,6 +38,7 @@ __all__ = [
     "asks_whole_question",
     "content_words",
     "continuation_reason",
+    "is_copied_text",
     "is_entity_answer",
     "is_refusal",
     "uncovered_words",
@@ -148,6 +149,18 @@ def anchored_sub_question(question: str, sub_question: str, answer: str) -> str 
     if not new or content_words(sub_question) & new:
         return None
     return f"{question.strip()} ({answer.strip()})"
+
+
+# a sentence end inside a sub-question: a word of 3+ lower-case letters, '.' or '!', then a
+# capitalised word ("St. Louis" and "Mt. Kenya" do not match)
+_SENTENCE_BREAK = re.compile(r"[a-z]{3,}[.!]\s+[A-Z]")
+
+
+def is_copied_text(sub_question: str) -> bool:
+    """Whether ``sub_question`` is several sentences rather than one question: what a small
+    router writes when it copies its think text or an instruction into the sub-question
+    ("None in the image. I must identify it first, which needs a search with the image ...")."""
+    return bool(_SENTENCE_BREAK.search(sub_question))
 
 
 def asks_whole_question(question: str, sub_question: str) -> bool:

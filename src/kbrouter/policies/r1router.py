@@ -25,6 +25,8 @@ from kbrouter.policies.continuation import (
     anchored_sub_question,
     asks_whole_question,
     continuation_reason,
+    is_copied_text,
+    is_entity_answer,
     is_refusal,
 )
 from kbrouter.policies.parser import parse_answer
@@ -163,6 +165,13 @@ class R1RouterConfig(BaseModel):
         description="Uncovered question content words that make a stop premature "
         "(continue_after_entity).",
     )
+    replace_copied_sub_question: bool = Field(
+        True,
+        description="A routed sub-question of several sentences (the router copied its think "
+        "text or an instruction: 'None in the image. I must identify it first, ...') is "
+        "replaced by the question, anchored on the last hop's answer when that names an "
+        "entity (noted in the trace). See kbrouter.policies.continuation.is_copied_text.",
+    )
     answer_from_question_hop: bool = Field(
         True,
         description="When the last sub-question asked the whole question (e.g. a continuation "
@@ -278,6 +287,13 @@ class R1RouterPolicy(Policy):
             )
             if step.continued:
                 continued += 1
+            if (
+                self.config.replace_copied_sub_question
+                and action is not None
+                and not action.is_stop
+                and is_copied_text(action.sub_question or "")
+            ):
+                action = self._whole_question(question, history, action, rt, step)
             anchor = step.continued or just_identified
             if keep_going is not None and anchor and action is not None and not action.is_stop:
                 # a continued step, or the step after the image was identified: a sub-question
@@ -447,6 +463,28 @@ class R1RouterPolicy(Policy):
             f"{history[-1].answer.strip()!r}; asking {anchored!r}",
         )
         return action.model_copy(update={"sub_question": anchored})
+
+    def _whole_question(
+        self,
+        question: Question,
+        history: list[Hop],
+        action: RouteAction,
+        rt: Runtime,
+        step: Step,
+    ) -> RouteAction:
+        """The question (anchored on the last hop's entity, if any) in place of a sub-question
+        that copied text (``replace_copied_sub_question``)."""
+        text = " ".join(question.text.split())
+        if history and is_entity_answer(history[-1].answer):
+            text = f"{text} ({history[-1].answer.strip()})"
+        self._note(
+            rt,
+            question,
+            step,
+            f"the sub-question {action.sub_question!r} is several sentences (copied text), not "
+            f"one question; asking {text!r}",
+        )
+        return action.model_copy(update={"sub_question": text})
 
     async def _route(
         self,
