@@ -12,6 +12,7 @@ from kbrouter.reading.sql import (
     SQLReaderConfig,
     extract_sql,
     quote_columns,
+    resolve_column,
     run_sql,
     schema_text,
     sql_messages,
@@ -164,3 +165,53 @@ def test_a_single_value_result_is_written_without_its_header(countries: Table):
     assert result_text(count) == f"Result: {count.rows[0][0]}"
     two = run_sql([countries], 'SELECT "name", "capital" FROM t WHERE "name" = \'Australia\'')
     assert result_text(two.table) == two.table.render() and "capital" in result_text(two.table)
+
+
+@pytest.fixture(scope="module")
+def cup(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-wtq-203-567", "2002-03 FA Cup")
+
+
+@pytest.fixture(scope="module")
+def comets(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-wtq-203-75", "2003 Houston Comets season")
+
+
+def test_a_column_written_differently_is_resolved_and_noted(cup: Table, comets: Table):
+    """Home_team / "home_team" read as "Home team" (outside string literals); the query runs
+    and the result says what was resolved."""
+    for sql in [
+        "SELECT \"Away team\" FROM t WHERE Home_team = 'Rochdale'",
+        'SELECT "Away team" FROM t WHERE "home_team" = \'Rochdale\'',
+    ]:
+        result = run_sql([cup], sql)
+        assert result.table.rows == [["Coventry City"]]
+        assert result.fixes and '"Home team"' in result.fixes[0]
+        assert result.sql == 'SELECT "Away team" FROM t WHERE "Home team" = \'Rochdale\''
+    # a literal that spells the name is left alone
+    fixed = resolve_column(
+        "SELECT COUNT(*) FROM t WHERE Home_team = 'Home_team'",
+        'Binder Error: Referenced column "Home_team" not found in FROM clause!',
+        [cup],
+    )
+    assert fixed == (
+        "SELECT COUNT(*) FROM t WHERE \"Home team\" = 'Home_team'",
+        'Home_team -> "Home team"',
+    )
+    with pytest.raises(SQLError, match="Home_team"):
+        run_sql(
+            [cup], "SELECT * FROM t WHERE Home_team = 'x'", SQLReaderConfig(resolve_columns=False)
+        )
+
+
+def test_a_query_of_the_wrong_table_reads_the_one_with_the_column(cup: Table, comets: Table):
+    """Offered two tables, a one-table query naming a column only the other has reads that one;
+    a name no table has, or a query of both tables, stays an error."""
+    result = run_sql([cup, comets], "SELECT COUNT(*) FROM t1 WHERE Opponent = 'Seattle'")
+    assert result.sql == "SELECT COUNT(*) FROM t2 WHERE Opponent = 'Seattle'"
+    assert any("t1 -> t2" in f for f in result.fixes)
+    assert result.table.rows == [[str(sum(r[1] == "Seattle" for r in comets.rows))]]
+    with pytest.raises(SQLError, match="Coach"):
+        run_sql([cup, comets], "SELECT Coach FROM t1")
+    with pytest.raises(SQLError):  # reads both tables: which one was meant is not known
+        run_sql([cup, comets], "SELECT t1.Opponent FROM t1, t2")

@@ -5,6 +5,9 @@ this reader a step that retrieved tables asks the model for one SQL query instea
 (:func:`sql_messages`: each table's schema with inferred column types and a few sample rows),
 runs it over the *whole* tables (:func:`run_sql`) and shows the result to the model as
 evidence. A query that fails, times out or returns nothing falls back to reading the rows.
+Before that, a column name DuckDB does not know is resolved when exactly one offered column has
+the same letters and digits, renaming it or switching a one-table query to the table that has
+it (:func:`resolve_column`; ``SQLReaderConfig.resolve_columns``).
 
 The sandbox: an in-memory DuckDB database per query holding only the given tables; file
 system and network access disabled, extensions neither installed nor loaded, configuration
@@ -19,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +36,7 @@ __all__ = [
     "column_list",
     "extract_sql",
     "quote_columns",
+    "resolve_column",
     "result_text",
     "run_sql",
     "schema_text",
@@ -64,6 +68,13 @@ class SQLReaderConfig(BaseModel):
         description="Text comparisons, grouping and sorting ignore case (DuckDB's NOCASE "
         "collation): small models write 'st. louis bombers' for 'St. Louis Bombers'.",
     )
+    resolve_columns: bool = Field(
+        True,
+        description="A column name DuckDB does not know is read as the table's column with the "
+        "same letters and digits (case, spaces, underscores and punctuation aside) when exactly "
+        "one matches, and the query runs again (noted): 'Home_team' for \"Home team\" failed "
+        "41 of 200 wtq queries.",
+    )
     answer_single_value: bool = Field(
         True,
         description="When the query's result is one value (one row, one column) and the step "
@@ -80,6 +91,8 @@ class SQLResult:
     sql: str
     table: Table
     seconds: float
+    fixes: list[str] = field(default_factory=list)
+    """Column names the query wrote differently, as resolved (``Home_team -> "Home team"``)."""
 
 
 _NUM = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
@@ -221,6 +234,68 @@ def quote_columns(sql: str, tables: Sequence[Table]) -> str:
     return "".join(parts)
 
 
+_UNKNOWN_COLUMN = re.compile(r'(?:Referenced column|does not have a column named) "([^"]+)"')
+
+
+def _name_key(name: str) -> str:
+    return " ".join(re.sub(r"[\W_]+", " ", name).split()).casefold()
+
+
+def _outside_literals(sql: str, bare: re.Pattern[str], quoted: str, repl: str) -> str:
+    """``sql`` with ``bare`` matches and the quoted name ``quoted`` (case aside) replaced by
+    ``repl``, outside string literals."""
+    parts = _LITERAL.split(sql)  # odd indices: string literals and quoted names
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            parts[i] = bare.sub(lambda _m: repl, part)
+        elif part.startswith('"') and part[1:-1].replace('""', '"').casefold() == quoted:
+            parts[i] = repl
+    return "".join(parts)
+
+
+def _word(name: str) -> re.Pattern[str]:
+    return re.compile(r"(?<![\w\"])" + re.escape(name) + r"(?![\w\"])", re.I)
+
+
+def resolve_column(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
+    """For a DuckDB error naming a column that does not exist, ``(query, fix)`` when exactly one
+    column of ``tables`` has the same letters and digits (case, spaces, underscores and
+    punctuation aside):
+
+    * the query names that column differently (``Home_team``): the name is replaced;
+    * the column is in another of the tables while the query reads one table only (small models
+      query ``t1`` when the answer is in ``t2``): the query reads that table instead.
+
+    Outside string literals. None when the error names no column, or no column or more than
+    one matches, or nothing would change."""
+    m = _UNKNOWN_COLUMN.search(error)
+    if m is None:
+        return None
+    wrong = m.group(1)
+    key = _name_key(wrong)
+    names = table_names(tables)
+    owners = {
+        (name, c)
+        for name, t in zip(names, tables, strict=True)
+        for c in _columns(t)
+        if _name_key(c) == key
+    }
+    if not key or len({c for _, c in owners}) != 1 or len({n for n, _ in owners}) != 1:
+        return None
+    owner, right = next(iter(owners))
+    fixed, fixes = sql, []
+    if right.casefold() != wrong.casefold():
+        fixed = _outside_literals(fixed, _word(wrong), wrong.casefold(), _quote(right))
+        fixes.append(f"{wrong} -> {_quote(right)}")
+    read = [n for n in names if _word(n).search("".join(_LITERAL.split(fixed)[::2]))]
+    if len(tables) > 1 and len(read) == 1 and read[0] != owner:
+        fixed = _outside_literals(fixed, _word(read[0]), read[0], owner)
+        fixes.append(f"{read[0]} -> {owner} (the table with {_quote(right)})")
+    if fixed == sql:
+        return None
+    return fixed, "; ".join(fixes)
+
+
 def column_list(tables: Sequence[Table]) -> str:
     """Each table's SQL name and its column names, quoted as a query must write them."""
     return "; ".join(
@@ -302,8 +377,22 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         raise SQLError(f"cannot load the table(s): {str(e).splitlines()[0][:200]}") from None
     timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
     timer.start()
+    fixes: list[str] = []
     try:
-        cur = con.execute(sql)
+        while True:
+            try:
+                cur = con.execute(sql)
+                break
+            except duckdb.BinderException as e:
+                resolved = (
+                    resolve_column(sql, str(e), tables)
+                    if cfg.resolve_columns and len(fixes) < 5
+                    else None
+                )
+                if resolved is None:
+                    raise
+                sql, fix = resolved
+                fixes.append(fix)
         header = [d[0] for d in cur.description or []]
         rows = cur.fetchmany(cfg.max_result_rows)
     except duckdb.InterruptException:
@@ -316,7 +405,7 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         timer.cancel()
         con.close()
     out = Table(header=[str(h) for h in header], rows=[[_cell(v) for v in r] for r in rows])
-    return SQLResult(sql=sql, table=out, seconds=time.perf_counter() - t0)
+    return SQLResult(sql=sql, table=out, seconds=time.perf_counter() - t0, fixes=fixes)
 
 
 def single_value(table: Table) -> str | None:
