@@ -335,7 +335,8 @@ def test_after_identification_the_route_prompt_says_what_the_image_shows(demo_kb
 def test_carry_identified_shows_the_matched_item_with_a_later_steps_evidence(demo_kbs):
     """With carry_identified, a step after the identification that searches another KB shows
     the identified flag (title and caption, last, marked as the image match) to the sub-answer
-    call; a step that searches the image KB again does not get it twice; off by default."""
+    call; a step that searches the image KB again does not get it twice (possible with
+    skip_identified_image off); on by default, off on request."""
     question = Question(text=FLAG_Q, image=DEMO / "questions" / "flag.jpg")
     outputs = [
         _route("What is shown in the image?", "images"),
@@ -347,7 +348,7 @@ def test_carry_identified_shows_the_matched_item_with_a_later_steps_evidence(dem
         "<answer>Canberra</answer>",
     ]
     carried = "(this picture matches the question's image) Flag of Australia: Flag of Australia."
-    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows", carry_identified=True)
+    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows", skip_identified_image=False)
     s1, s2 = traj.steps[1], traj.steps[2]
     assert [r.kb for r in s1.retrievals] == ["text"]
     prompt1 = s1.answer_call.messages[-1].text()
@@ -359,7 +360,14 @@ def test_carry_identified_shows_the_matched_item_with_a_later_steps_evidence(dem
     assert s2.answer_call.messages[-1].text().count("Flag of Australia:") == 1
     assert not any("carry_identified" in n for n in s2.notes)
 
-    traj, _ = _answer(demo_kbs, outputs, question, table_reader="rows")  # default: off
+    traj, _ = _answer(
+        demo_kbs,
+        outputs,
+        question,
+        table_reader="rows",
+        skip_identified_image=False,
+        carry_identified=False,
+    )
     assert "Flag of Australia" not in traj.steps[1].answer_call.messages[-1].text()
 
 
@@ -455,7 +463,7 @@ def test_without_a_grammar_an_image_kb_named_after_identification_is_re_asked(de
     assert traj.answer == "Mount Kenya"
 
 
-def test_by_default_the_router_may_search_the_image_kb_again(demo_kbs):
+def test_without_skip_identified_image_the_router_may_search_the_image_kb_again(demo_kbs):
     question = Question(text=PEAK_Q, image=DEMO / "questions" / "flag_kenya.jpg")
     outputs = [
         _route("What is shown in the image?", "images"),
@@ -464,7 +472,7 @@ def test_by_default_the_router_may_search_the_image_kb_again(demo_kbs):
         STOP,
         "<answer>Kilimanjaro</answer>",
     ]
-    traj, _ = _answer(demo_kbs, outputs, question)  # skip_identified_image is off
+    traj, _ = _answer(demo_kbs, outputs, question, skip_identified_image=False)
     s1 = traj.steps[1]
     assert len(s1.route_calls) == 1 and [r.kb for r in s1.retrievals] == ["images"]
     # the same image returns the same match

@@ -168,6 +168,12 @@ class GoldPathBuilder:
             for them (no sub-answer, no stop).
         relevance_margin: the policy's ``relevance_margin`` (the default: R1-Router's), so a
             sub-answer sample shows what the engine shows; None shows the top-k as retrieved.
+        skip_identified_image: the policy's setting (the default: R1-Router's): once the image
+            is identified, the engine searches no image KB again, so a question whose answer is
+            in the identified item's caption (one image gold KB) has no gold path it can
+            follow and is dropped (``image_kb_again``).
+        carry_identified: the policy's setting (the default: R1-Router's): a hop after the
+            identification that searches another KB also shows the identified item, last.
     """
 
     def __init__(
@@ -181,11 +187,20 @@ class GoldPathBuilder:
         kb_map: dict[str, str] | None = None,
         first_hops_of_dropped: bool = False,
         relevance_margin: float | None | _PolicyDefault = _POLICY_DEFAULT,
+        skip_identified_image: bool | None = None,
+        carry_identified: bool | None = None,
     ) -> None:
         self.registry = registry
+        policy = R1RouterConfig()
         if isinstance(relevance_margin, _PolicyDefault):
-            relevance_margin = R1RouterConfig().relevance_margin
+            relevance_margin = policy.relevance_margin
         self.relevance_margin = relevance_margin
+        self.skip_identified_image = (
+            policy.skip_identified_image if skip_identified_image is None else skip_identified_image
+        )
+        self.carry_identified = (
+            policy.carry_identified if carry_identified is None else carry_identified
+        )
         self.first_hops_of_dropped = first_hops_of_dropped
         self.top_k = top_k
         self.retrieve_k = retrieve_k
@@ -265,8 +280,11 @@ class GoldPathBuilder:
             return within_margin(top, self.relevance_margin)
         return top
 
-    def _answer_hop(self, kb: str, sub_q: str, ex: EvalExample) -> _Hop:
-        """A hop that must find the final answer in the KB ``kb``."""
+    def _answer_hop(
+        self, kb: str, sub_q: str, ex: EvalExample, identified: Evidence | None = None
+    ) -> _Hop:
+        """A hop that must find the final answer in the KB ``kb`` (``identified``: the image
+        item identified at an earlier hop, shown last when the builder carries it)."""
         retrieval = self._search(kb, sub_q, ex.question)
         if self.modality[kb] == Modality.TABLE:
             # the gold table among the hits: the route is right even when the KB ranks the
@@ -278,6 +296,8 @@ class GoldPathBuilder:
             # the SQL reader writes the query: no gold target for the model's reply here
             return _Hop(kb, sub_q, ex.golds[0], sub_q)
         shown = self._shown(retrieval)
+        if identified is not None and self.carry_identified and self.modality[kb] != Modality.IMAGE:
+            shown = [*shown, identified]  # as the engine carries it (carry_identified)
         gold = _gold_in(shown, ex.golds)
         if gold is None:
             raise _Drop("gold_not_shown")
@@ -319,7 +339,9 @@ class GoldPathBuilder:
         # the engine goes on from the entity: the next gold KB, or the image KB again when the
         # answer is in the identified item's caption (one gold hop, two engine steps)
         next_kb = kbs[1] if len(kbs) > 1 else kbs[0]
-        hops.append(self._answer_hop(next_kb, _anchored(q.text, title), ex))
+        if self.skip_identified_image and self.modality[next_kb] == Modality.IMAGE:
+            raise _Drop("image_kb_again")  # the engine searches no image KB after identifying
+        hops.append(self._answer_hop(next_kb, _anchored(q.text, title), ex, entity))
         return hops
 
     def _text_multihop(self, ex: EvalExample, kbs: list[str]) -> list[_Hop]:
