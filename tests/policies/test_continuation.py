@@ -102,6 +102,7 @@ def test_copied_text_is_several_sentences():
         "How many times is the St. Louis Bombers listed?",
         "What is the height of Mt. Kenya in metres?",
         "Which team did the U.S. Army play in 1940?",
+        "Which film did Warner Bros. Pictures release in 1999?",
         f"{FLAG_Q} (Flag of Australia)?",
     ]:
         assert not is_copied_text(one), one
@@ -199,6 +200,21 @@ def test_a_copied_sub_question_is_replaced_by_the_anchored_question(demo_kbs):
                       replace_copied_sub_question=False)  # fmt: skip
     assert kept.steps[1].action is not None and kept.steps[1].action.sub_question == copied
     assert kept.final_call is not None  # the hop did not ask the whole question
+    # the paper's reading path keeps the router's own text (teacher synthesis, GRPO rollouts)
+    from kbrouter.policies.r1router import PAPER_READING
+
+    assert PAPER_READING["replace_copied_sub_question"] is False
+
+
+def test_a_question_of_several_sentences_may_be_asked_as_it_is(demo_kbs):
+    """A question that is itself several sentences: the router asking it whole, or in other
+    sentences, is not taken for copied text."""
+    two = "The statue of Christ the Redeemer stands on a mountain. In which country is it?"
+    for sub in [two, "The statue is famous. Which country is the statue in?"]:
+        outputs = [_route(sub, "text"), "<answer>Brazil</answer>", STOP, "<answer>Brazil</answer>"]
+        traj, _ = _answer(demo_kbs, outputs, Question(text=two))
+        assert traj.steps[0].action is not None and traj.steps[0].action.sub_question == sub
+        assert not any("copied text" in n for s in traj.steps for n in s.notes)
 
 
 def test_a_refusal_to_the_whole_question_goes_to_the_final_answer_call(demo_kbs):

@@ -213,5 +213,20 @@ def test_a_query_of_the_wrong_table_reads_the_one_with_the_column(cup: Table, co
     assert result.table.rows == [[str(sum(r[1] == "Seattle" for r in comets.rows))]]
     with pytest.raises(SQLError, match="Coach"):
         run_sql([cup, comets], "SELECT Coach FROM t1")
+    # a column from each table in a one-table query: no switch settles it; the model's own
+    # query's error is reported
+    with pytest.raises(SQLError, match='"Home_team" not found'):
+        run_sql([cup, comets], "SELECT Opponent FROM t1 WHERE Home_team = 'Rochdale'")
     with pytest.raises(SQLError):  # reads both tables: which one was meant is not known
         run_sql([cup, comets], "SELECT t1.Opponent FROM t1, t2")
+
+
+def test_a_function_of_the_same_name_is_not_renamed():
+    years = Table(header=["Year.", "Date"], rows=[["2003", "2003-01-25"]])
+    fixed = resolve_column(
+        "SELECT Year FROM t WHERE year(CAST(Date AS DATE)) = 2003",
+        'Binder Error: Referenced column "Year" not found in FROM clause!',
+        [years],
+    )
+    assert fixed is not None
+    assert fixed[0] == 'SELECT "Year." FROM t WHERE year(CAST(Date AS DATE)) = 2003'

@@ -151,9 +151,9 @@ def anchored_sub_question(question: str, sub_question: str, answer: str) -> str 
     return f"{question.strip()} ({answer.strip()})"
 
 
-# a sentence end inside a sub-question: a word of 3+ lower-case letters, '.' or '!', then a
-# capitalised word ("St. Louis" and "Mt. Kenya" do not match)
-_SENTENCE_BREAK = re.compile(r"[a-z]{3,}[.!]\s+[A-Z]")
+# a sentence end inside a sub-question: a whole lower-case word of 3+ letters, '.' or '!', then
+# a capitalised word ("St. Louis", "Mt. Kenya", "Warner Bros. Pictures" do not match)
+_SENTENCE_BREAK = re.compile(r"(?<![^\W\d_])[a-z]{3,}[.!]\s+[A-Z]")
 
 
 def is_copied_text(sub_question: str) -> bool:

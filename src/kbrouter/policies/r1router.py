@@ -108,7 +108,8 @@ class R1RouterConfig(BaseModel):
         True,
         description="When a search's best hit is an image-to-image match above the image KB's "
         "threshold (pinned), show only the pinned hits of that search: a small model otherwise "
-        "names a lower-ranked item.",
+        "names a lower-ranked item. relevance_margin does the same for a pinned best hit, so "
+        "this matters only with the margin off.",
     )
     skip_identified_image: bool = Field(
         True,
@@ -212,6 +213,7 @@ PAPER_READING: dict[str, Any] = {
     "answer_from_question_hop": False,
     "table_reader": "rows",
     "relevance_margin": None,
+    "replace_copied_sub_question": False,
 }
 
 
@@ -292,6 +294,8 @@ class R1RouterPolicy(Policy):
                 and action is not None
                 and not action.is_stop
                 and is_copied_text(action.sub_question or "")
+                and not is_copied_text(question.text)  # a question of several sentences
+                and not asks_whole_question(question.text, action.sub_question or "")
             ):
                 action = self._whole_question(question, history, action, rt, step)
             anchor = step.continued or just_identified
@@ -351,6 +355,8 @@ class R1RouterPolicy(Policy):
                 evidence = await read_tables(
                     self, question, action.sub_question, evidence, rt, step, self.config.sql_reader
                 )
+                # before carry_identified adds the identified image item: a one-value result
+                # of a table step answers it by itself (as measured)
                 value = query_answer(evidence, self.config.sql_reader)
                 if value is not None:
                     step.sub_answer = value

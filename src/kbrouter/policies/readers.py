@@ -151,7 +151,8 @@ async def read_tables(
 def query_answer(evidence: Sequence[Evidence], config: SQLReaderConfig) -> str | None:
     """The answer a step's evidence gives without a model call: the SQL reader's result when it
     is one value and the step shows nothing but tables (the result first, then tables the
-    query was not offered); None otherwise, or when ``config.answer_single_value`` is off."""
+    query was not offered); None otherwise, or when ``config.answer_single_value`` is off.
+    R1-Router checks it before ``carry_identified`` adds the identified image item."""
     if not config.answer_single_value or not evidence:
         return None
     first = evidence[0]

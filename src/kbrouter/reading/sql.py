@@ -70,10 +70,11 @@ class SQLReaderConfig(BaseModel):
     )
     resolve_columns: bool = Field(
         True,
-        description="A column name DuckDB does not know is read as the table's column with the "
-        "same letters and digits (case, spaces, underscores and punctuation aside) when exactly "
-        "one matches, and the query runs again (noted): 'Home_team' for \"Home team\" failed "
-        "41 of 200 wtq queries.",
+        description="A column name DuckDB does not know is read as the one offered column with "
+        "the same words (case, underscores and punctuation aside: 'Home_team' for \"Home team\"), "
+        "or a one-table query naming a column only another offered table has is switched to "
+        "that table, and the query runs again (noted). On the 200 wtq questions it let 7 to 9 "
+        "more queries run (benchmarks/results/answers/README.md, section 2).",
     )
     answer_single_value: bool = Field(
         True,
@@ -254,7 +255,8 @@ def _outside_literals(sql: str, bare: re.Pattern[str], quoted: str, repl: str) -
 
 
 def _word(name: str) -> re.Pattern[str]:
-    return re.compile(r"(?<![\w\"])" + re.escape(name) + r"(?![\w\"])", re.I)
+    """``name`` as a bare identifier: not part of a longer name, not a function call."""
+    return re.compile(r"(?<![\w\"])" + re.escape(name) + r"(?![\w\"]|\s*\()", re.I)
 
 
 def resolve_column(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
@@ -378,20 +380,24 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
     timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
     timer.start()
     fixes: list[str] = []
+    tried = {sql}
+    first: duckdb.BinderException | None = None  # the model's own query's error
     try:
         while True:
             try:
                 cur = con.execute(sql)
                 break
             except duckdb.BinderException as e:
+                first = first or e
                 resolved = (
                     resolve_column(sql, str(e), tables)
                     if cfg.resolve_columns and len(fixes) < 5
                     else None
                 )
-                if resolved is None:
-                    raise
+                if resolved is None or resolved[0] in tried:  # nothing new: the model's error
+                    raise first from None
                 sql, fix = resolved
+                tried.add(sql)
                 fixes.append(fix)
         header = [d[0] for d in cur.description or []]
         rows = cur.fetchmany(cfg.max_result_rows)

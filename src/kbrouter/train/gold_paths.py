@@ -25,8 +25,9 @@ query has no gold). Samples carry ``origin="gold-path"`` so they can be told apa
 samples (``origin="teacher"``) in one file.
 
 The path follows :class:`~kbrouter.policies.r1router.R1RouterPolicy` with its default reading
-settings (``identify_first``, ``pinned_alone``, ``relevance_margin``,
-``answer_from_question_hop``).
+settings (``identify_first``, ``pinned_alone``, ``relevance_margin``, ``skip_identified_image``,
+``carry_identified``, ``answer_from_question_hop``). Its sub-questions are the question, or the
+question anchored on an entity, which ``replace_copied_sub_question`` leaves as they are.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class GoldPathReport:
     kept: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     """Why questions gave no trajectory: 'no_gold_kbs', 'image_not_matched', 'gold_not_shown',
-    'table_not_retrieved', 'bridge_not_shown', 'unknown_kb', ..."""
+    'table_not_retrieved', 'bridge_not_shown', 'unknown_kb', 'image_kb_again', ..."""
     paths: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """Per kept question id: the (KB, sub-question) of every retrieving hop."""
     first_hops: int = 0
@@ -336,8 +337,9 @@ class GoldPathBuilder:
             hops = [_Hop(kbs[0], sub_q, title, sub_q, identified=True)]
         else:
             hops = [_Hop(kbs[0], sub_q, title, IDENTIFY_QUESTION, identified=True)]
-        # the engine goes on from the entity: the next gold KB, or the image KB again when the
-        # answer is in the identified item's caption (one gold hop, two engine steps)
+        # the engine goes on from the entity: the next gold KB, or (skip_identified_image off)
+        # the image KB again when the answer is in the identified item's caption (one gold hop,
+        # two engine steps)
         next_kb = kbs[1] if len(kbs) > 1 else kbs[0]
         if self.skip_identified_image and self.modality[next_kb] == Modality.IMAGE:
             raise _Drop("image_kb_again")  # the engine searches no image KB after identifying
