@@ -177,7 +177,7 @@ def comets(shared_data: Path) -> Table:
     return _table(shared_data, "tbl-wtq-203-75", "2003 Houston Comets season")
 
 
-def test_a_column_written_differently_is_resolved_and_noted(cup: Table, comets: Table):
+def test_a_column_written_differently_is_resolved_and_noted(cup: Table):
     """Home_team / "home_team" read as "Home team" (outside string literals); the query runs
     and the result says what was resolved."""
     for sql in [
