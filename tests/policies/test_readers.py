@@ -113,6 +113,34 @@ def test_a_failed_query_is_corrected_once_with_the_error():
     assert "Result: 3" in traj.final_call.messages[-1].text()
 
 
+def test_a_total_row_is_left_out_and_a_repaired_query_is_noted():
+    """The table's last block ends with a "Total" row: the query counts the data rows only.
+    The 0.5B names the table by its title: the query runs on t, and the notes say both."""
+    blocks = [[["1990", "Team A"], ["1991", "Team B"]], [["1992", "Team A"], ["Total", "3"]]]
+    table = [
+        Evidence(
+            kb="table",
+            id=f"tbl-cup#{i}",
+            score=0.0,
+            text="Cup winners Team A " + " ".join(" ".join(r) for r in rows),
+            title="Cup winners",
+            modality=Modality.TABLE,
+            table=Table(header=HEADER, rows=rows, title="Cup winners"),
+            metadata={"doc_id": "tbl-cup"},
+        )
+        for i, rows in enumerate(blocks)
+    ]
+    kbs = StaticKBRegistry([StaticKB("table", table, modality=Modality.TABLE)])
+    policy = make_policy("single-kb:table", table_reader="sql")
+    model = ScriptedChatModel(["<sql>SELECT COUNT(*) FROM Cup_winners</sql>"])
+    traj = Engine(model, kbs, policy, EngineConfig(top_k=1)).answer_sync(QUESTION)
+    assert 'Table t ("Cup winners"): 3 rows' in traj.steps[0].read_calls[0].messages[-1].text()
+    notes = [n for n in traj.steps[0].notes if n.startswith("table reader:")]
+    assert notes[0] == "table reader: the last row of t (Total | 3) left out"
+    assert "SELECT COUNT(*) FROM t" in notes[1] and "query repaired: Cup_winners -> t" in notes[1]
+    assert traj.answer == "3"
+
+
 def test_sql_reader_is_the_default_and_rows_make_no_extra_call():
     traj = _run("single-kb:table", [SQL])
     assert [c.purpose for c in traj.model_calls()] == ["read"]  # a one-value result answers

@@ -10,9 +10,13 @@ import pytest
 from kbrouter.reading.sql import (
     SQLError,
     SQLReaderConfig,
+    coerce_numbers,
+    data_tables,
     extract_sql,
+    is_total_row,
     quote_columns,
     resolve_column,
+    resolve_table,
     run_sql,
     schema_text,
     sql_messages,
@@ -230,3 +234,107 @@ def test_a_function_of_the_same_name_is_not_renamed():
     )
     assert fixed is not None
     assert fixed[0] == 'SELECT "Year." FROM t WHERE year(CAST(Date AS DATE)) = 2003'
+
+
+@pytest.fixture(scope="module")
+def medals(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-wtq-204-216", "Medal standings")
+
+
+@pytest.fixture(scope="module")
+def gamestorm(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-wtq-203-575", "GameStorm.org")
+
+
+@pytest.fixture(scope="module")
+def seasons(shared_data: Path) -> Table:
+    return _table(shared_data, "tbl-wtq-203-508", "Nicolás Terol")
+
+
+def test_a_final_total_row_is_left_out_of_the_sql_tables(medals: Table, seasons: Table):
+    """The medal table ends with ",Total,8,8,8,24": with it, ORDER BY ... LIMIT 1 answers
+    "Total" and counts include it; left out (noted), the data rows answer. Off keeps it."""
+    assert is_total_row(medals.rows[-1]) and is_total_row(["Total:", "", "3"])
+    assert not is_total_row(medals.rows[0]) and not is_total_row(["Total runs", "1"])
+    top = 'SELECT "Nation" FROM t ORDER BY "Silver" DESC LIMIT 1'
+    assert run_sql([medals], top).table.rows == [["Total"]]
+    tables, notes = data_tables([medals])
+    assert tables[0].rows == medals.rows[:-1]
+    assert notes == ["the last row of t ( | Total) left out"]
+    best = max(medals.rows[:-1], key=lambda r: int(r[3]))[1]
+    assert run_sql(tables, top).table.rows == [[best]]
+    # the seasons table's "Total" row made "Season" text; without it the years are numbers
+    tables, _ = data_tables([seasons])
+    before_2011 = sum(1 for r in seasons.rows[:-1] if int(r[0]) < 2011)
+    assert run_sql(tables, 'SELECT COUNT(*) FROM t WHERE "Season" < 2011').table.rows == [
+        [str(before_2011)]
+    ]
+    assert data_tables([medals], SQLReaderConfig(skip_total_row=False)) == ([medals], [])
+
+
+def test_a_table_named_by_its_title_or_not_offered_is_resolved(
+    medals: Table, countries: Table, gamestorm: Table
+):
+    """The 0.5B writes a table's title as its name, or "t" over t1 and t2: the name is read as
+    the offered table it means, noted. A name that matches nothing stays the model's error."""
+    result = run_sql(
+        [gamestorm, countries],
+        'SELECT "capital" FROM Countries_of_the_world WHERE "name" = \'Australia\'',
+    )
+    assert result.table.rows == [["Canberra"]]
+    assert result.fixes == ["Countries_of_the_world -> t2"]
+    # the parser reads the title's last word as an alias; the alias goes with the title
+    result = run_sql([medals], 'SELECT COUNT(*) FROM Medal standings WHERE "Gold" > 0')
+    assert result.fixes == ["Medal standings -> t"]
+    assert result.table.rows == [[str(sum(1 for r in medals.rows if int(r[2]) > 0))]]
+    # "t" over two tables: the one with every column the query names; a real alias is kept
+    result = run_sql(
+        [medals, gamestorm], "SELECT g.Attendance FROM t AS g WHERE Iteration = 'GameStorm 11'"
+    )
+    assert result.table.rows == [["736"]] and result.fixes == ["t -> t2"]
+    assert result.sql == "SELECT g.Attendance FROM t2 AS g WHERE Iteration = 'GameStorm 11'"
+    with pytest.raises(SQLError, match="Table with name t does not exist"):  # both have Total
+        run_sql([medals, medals], 'SELECT COUNT(*) FROM t WHERE "Total" > 3')
+    with pytest.raises(SQLError, match="Table with name t does not exist"):
+        run_sql([medals, gamestorm], "SELECT * FROM t", SQLReaderConfig(resolve_tables=False))
+    # a common table expression is not an unknown table
+    assert resolve_table(
+        "WITH x AS (SELECT 1) SELECT * FROM x, y",
+        "Catalog Error: Table with name y does not exist!",
+        [medals],
+    ) == ("WITH x AS (SELECT 1) SELECT * FROM x, t", "y -> t")
+
+
+def test_a_text_column_used_as_a_number_reads_the_number_each_cell_starts_with(
+    gamestorm: Table, shared_data: Path
+):
+    """GameStorm's attendance is text (the last is "tba"): SUM and a comparison with a number
+    fail in DuckDB; read as the number each cell starts with they run (noted), "tba" is NULL.
+    Off, the error stays; a text comparison is left alone."""
+    assert '"Attendance" VARCHAR' in schema_text([gamestorm])
+    total = sum(int(r[3]) for r in gamestorm.rows if r[3].isdigit())
+    result = run_sql([gamestorm], 'SELECT SUM("Attendance") FROM t')
+    assert result.table.rows == [[str(total)]]
+    assert result.fixes == ['numbers read from "Attendance"']
+    assert result.sql == 'SELECT SUM(LEADING_NUMBER("Attendance")) FROM t'
+    big = [r[0] for r in gamestorm.rows if r[3].isdigit() and int(r[3]) > 900]
+    rows = run_sql([gamestorm], "SELECT Iteration FROM t WHERE Attendance > 900").table.rows
+    assert [r[0] for r in rows] == big
+    with pytest.raises(SQLError, match="sum"):
+        run_sql(
+            [gamestorm], 'SELECT SUM("Attendance") FROM t', SQLReaderConfig(numbers_in_text=False)
+        )
+    assert (
+        coerce_numbers(
+            "SELECT * FROM t WHERE Attendance = 'tba'", "Binder Error: VARCHAR", [gamestorm]
+        )
+        is None
+    )
+    # "—" (not charted) is NULL; a chart position is the number the cell starts with
+    touch = _table(shared_data, "tbl-wtq-201-0", "A Touch of Class (band)")
+    ger = "Peak chart positions GER"
+    top10 = [r[1] for r in touch.rows if r[8] != "—" and int(r[8]) <= 10]
+    rows = run_sql([touch], f'SELECT "Single" FROM t WHERE "{ger}" BETWEEN 1 AND 10').table.rows
+    assert [r[0] for r in rows] == top10
+    rows = run_sql([touch], f'SELECT COUNT(*) FROM t WHERE "{ger}" = 1').table.rows
+    assert rows == [["1"]]

@@ -24,6 +24,7 @@ from kbrouter.reading.sql import (
     SQLError,
     SQLReaderConfig,
     column_list,
+    data_tables,
     extract_sql,
     result_text,
     run_sql,
@@ -84,7 +85,9 @@ async def read_tables(
     tables = tables[: config.max_tables]
     if not tables:
         return evidence
-    whole = [await _whole_table(ev, text, rt) for ev in tables]
+    whole, changes = data_tables([await _whole_table(ev, text, rt) for ev in tables], config)
+    for change in changes:
+        policy._note(rt, question, step, f"table reader: {change}")
     docs = [t.doc_id for t in tables]
     messages = sql_messages(text, whole, config)
     params = SamplingParams(max_tokens=config.max_tokens)
@@ -121,7 +124,7 @@ async def read_tables(
         step,
         f"table reader: SQL {result.sql!r} over {', '.join(docs)} -> {n} row(s) "
         f"({result.seconds * 1000:.0f} ms)"
-        + (f"; column names resolved: {', '.join(result.fixes)}" if result.fixes else ""),
+        + (f"; query repaired: {'; '.join(result.fixes)}" if result.fixes else ""),
     )
     single = single_value(result.table) is not None
     titles = ", ".join(f'"{t.title}"' for t in whole if t.title) or ", ".join(docs)

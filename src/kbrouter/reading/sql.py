@@ -5,9 +5,11 @@ this reader a step that retrieved tables asks the model for one SQL query instea
 (:func:`sql_messages`: each table's schema with inferred column types and a few sample rows),
 runs it over the *whole* tables (:func:`run_sql`) and shows the result to the model as
 evidence. A query that fails, times out or returns nothing falls back to reading the rows.
-Before that, a column name DuckDB does not know is resolved when exactly one offered column has
-the same letters and digits, renaming it or switching a one-table query to the table that has
-it (:func:`resolve_column`; ``SQLReaderConfig.resolve_columns``).
+Before that, a query DuckDB rejects is repaired where the intent is unambiguous, each repair
+noted (``SQLResult.fixes``) and a setting of :class:`SQLReaderConfig`: a column name written
+differently (:func:`resolve_column`), a table named by its title or by a name not offered
+(:func:`resolve_table`), a text column used as a number (:func:`coerce_numbers`). A table's
+final "Total" row is left out of the SQL tables (:func:`data_tables`).
 
 The sandbox: an in-memory DuckDB database per query holding only the given tables; file
 system and network access disabled, extensions neither installed nor loaded, configuration
@@ -33,10 +35,14 @@ __all__ = [
     "SQLError",
     "SQLReaderConfig",
     "SQLResult",
+    "coerce_numbers",
     "column_list",
+    "data_tables",
     "extract_sql",
+    "is_total_row",
     "quote_columns",
     "resolve_column",
+    "resolve_table",
     "result_text",
     "run_sql",
     "schema_text",
@@ -76,6 +82,25 @@ class SQLReaderConfig(BaseModel):
         "that table, and the query runs again (noted). On the 200 wtq questions it let 7 to 9 "
         "more queries run (benchmarks/results/answers/README.md, section 2).",
     )
+    resolve_tables: bool = Field(
+        True,
+        description="A table name DuckDB does not know is read as the offered table it names: "
+        "its title written as a name ('FROM AFL Cairns', 'FROM Guardian_of_Zion_Award'), or the "
+        "only offered table, or the one offered table with every column the query names (the "
+        "0.5B writes 'FROM t' over t1 and t2); the query runs again (noted).",
+    )
+    numbers_in_text: bool = Field(
+        True,
+        description="A text column the query compares with a number, sums, averages or computes "
+        "with is read as the number each cell starts with ('1,182 m' -> 1182, '6th' -> 6, "
+        "'N/a' -> NULL) instead of failing (DuckDB does not compare text with numbers); noted.",
+    )
+    skip_total_row: bool = Field(
+        True,
+        description="A table's last row that is a 'Total'/'Totals' row (one of its first two "
+        "cells) is left out of the SQL tables, so counts, sums and ORDER BY ... LIMIT 1 see the "
+        "data rows only (noted). The rows reader still shows it.",
+    )
     answer_single_value: bool = Field(
         True,
         description="When the query's result is one value (one row, one column) and the step "
@@ -93,7 +118,8 @@ class SQLResult:
     table: Table
     seconds: float
     fixes: list[str] = field(default_factory=list)
-    """Column names the query wrote differently, as resolved (``Home_team -> "Home team"``)."""
+    """The repairs that made the query run, in order (``Home_team -> "Home team"``,
+    ``AFL Cairns -> t1``, ``numbers read from "Score"``)."""
 
 
 _NUM = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
@@ -298,6 +324,169 @@ def resolve_column(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, 
     return fixed, "; ".join(fixes)
 
 
+def _parse(sql: str):  # -> sqlglot Expression | None
+    """``sql`` parsed by sqlglot (DuckDB dialect), None if it cannot be parsed."""
+    try:
+        import sqlglot
+        from sqlglot.errors import SqlglotError
+    except ImportError as e:  # pragma: no cover - the optional extra
+        raise SQLError("the SQL table reader needs sqlglot: pip install 'kbrouter[reading]'") from e
+    try:
+        return sqlglot.parse_one(sql, read="duckdb")
+    except (SqlglotError, ValueError):
+        return None
+
+
+_UNKNOWN_TABLE = re.compile(r"Table with name (\S+) does not exist")
+
+
+def resolve_table(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
+    """For a DuckDB error naming a table that does not exist, ``(query, fix)`` with each unknown
+    table name replaced by the offered table it means:
+
+    * the table whose title it writes as a name (``FROM AFL Cairns``, ``Guardian_of_Zion_Award``;
+      the parser may read the title's last word as an alias);
+    * else the only offered table;
+    * else the one offered table that has every column the query names (``FROM t`` over t1, t2).
+
+    None when the error names no table, the query cannot be parsed, or a name stays unresolved.
+    """
+    if _UNKNOWN_TABLE.search(error) is None:
+        return None
+    tree = _parse(sql)
+    if tree is None:
+        return None
+    from sqlglot import exp
+
+    names = table_names(tables)
+    known = {n.casefold() for n in names} | {
+        cte.alias.casefold() for cte in tree.find_all(exp.CTE) if cte.alias
+    }
+    named = {_name_key(c.name) for c in tree.find_all(exp.Column)}
+    with_all = [
+        n
+        for n, t in zip(names, tables, strict=True)
+        if named <= {_name_key(c) for c in _columns(t)}
+    ]
+    fixes = []
+    for node in list(tree.find_all(exp.Table)):
+        if not node.name or node.name.casefold() in known:
+            continue
+        target, wrote = None, node.name
+        for cand in [f"{node.name} {node.alias}", node.name] if node.alias else [node.name]:
+            hits = [
+                n
+                for n, t in zip(names, tables, strict=True)
+                if t.title and _name_key(t.title) == _name_key(cand)
+            ]
+            if len(hits) == 1:
+                target, wrote = hits[0], cand
+                break
+        if target is None and len(names) == 1:
+            target = names[0]
+        if target is None and len(with_all) == 1:
+            target = with_all[0]
+        if target is None:
+            return None
+        table = exp.Table(this=exp.to_identifier(target))
+        if node.alias and wrote == node.name:  # a real alias (not the title's last word): kept
+            table.set("alias", node.args["alias"])
+        node.replace(table)
+        fixes.append(f"{wrote} -> {target}")
+    if not fixes:
+        return None
+    return tree.sql(dialect="duckdb"), "; ".join(fixes)
+
+
+NUMBER_MACRO = "leading_number"
+"""The sandbox macro reading the number a text cell starts with (NULL if it starts with none)."""
+
+
+def coerce_numbers(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
+    """For a DuckDB error about a text (VARCHAR) column used as a number (a type error, or a cell
+    that cannot be converted), ``(query, fix)`` with
+    each text column that the query compares with a number (``BETWEEN`` too), sums, averages or
+    computes with read as ``leading_number(column)``: the number its cell starts with
+    (``'1,182 m'`` -> 1182, ``'6th'`` -> 6, ``'N/a'`` -> NULL). None when nothing changes."""
+    if "VARCHAR" not in error and "Could not convert string" not in error:
+        return None
+    tree = _parse(sql)
+    if tree is None:
+        return None
+    from sqlglot import exp
+
+    types = {
+        (name, c.casefold()): ty
+        for name, t in zip(table_names(tables), tables, strict=True)
+        for c, ty in zip(_columns(t), _column_types(t), strict=True)
+    }
+    aliases: dict[str, str] = {}
+    read: set[str] = set()
+    for node in tree.find_all(exp.Table):
+        aliases[node.alias_or_name.casefold()] = node.name.casefold()
+        read.add(node.name.casefold())
+
+    def col_type(col: exp.Column) -> str | None:
+        name = col.name.casefold()
+        if col.table:
+            return types.get((aliases.get(col.table.casefold(), col.table.casefold()), name))
+        found = {types[(t, name)] for t in read if (t, name) in types}
+        return found.pop() if len(found) == 1 else None
+
+    def numeric(e: exp.Expression | None) -> bool:
+        if isinstance(e, exp.Neg):
+            e = e.this
+        if isinstance(e, exp.Literal):
+            return e.is_number
+        if isinstance(e, exp.Column):
+            return col_type(e) in ("BIGINT", "DOUBLE")
+        return isinstance(e, exp.Anonymous) and e.name == NUMBER_MACRO
+
+    read_as_numbers = []
+    for col in list(tree.find_all(exp.Column)):
+        if col_type(col) != "VARCHAR":
+            continue
+        p = col.parent
+        if isinstance(p, (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
+            use = numeric(p.expression if p.this is col else p.this)
+        elif isinstance(p, exp.Between):
+            use = p.this is col and numeric(p.args.get("low")) and numeric(p.args.get("high"))
+        else:
+            use = isinstance(p, (exp.Sum, exp.Avg, exp.Add, exp.Sub, exp.Mul, exp.Div))
+        if use:
+            col.replace(exp.Anonymous(this=NUMBER_MACRO, expressions=[col.copy()]))
+            read_as_numbers.append(_quote(col.name))
+    if not read_as_numbers:
+        return None
+    return tree.sql(dialect="duckdb"), "numbers read from " + ", ".join(
+        dict.fromkeys(read_as_numbers)
+    )
+
+
+_TOTALS = {"total", "totals", "grand total"}
+
+
+def is_total_row(row: Sequence[str]) -> bool:
+    """A summary row: one of its first two cells says ``Total``/``Totals`` (a colon aside)."""
+    return any(str(c).strip().rstrip(":").strip().casefold() in _TOTALS for c in row[:2])
+
+
+def data_tables(
+    tables: Sequence[Table], config: SQLReaderConfig | None = None
+) -> tuple[list[Table], list[str]]:
+    """The tables as the SQL reader queries them, with a note per change: with
+    ``skip_total_row`` a last row that :func:`is_total_row` is left out."""
+    cfg = config or SQLReaderConfig()
+    out, notes = [], []
+    for name, table in zip(table_names(tables), tables, strict=True):
+        if cfg.skip_total_row and len(table.rows) > 1 and is_total_row(table.rows[-1]):
+            out.append(table.model_copy(update={"rows": table.rows[:-1]}))
+            notes.append(f"the last row of {name} ({' | '.join(table.rows[-1][:2])}) left out")
+        else:
+            out.append(table)
+    return out, notes
+
+
 def column_list(tables: Sequence[Table]) -> str:
     """Each table's SQL name and its column names, quoted as a query must write them."""
     return "; ".join(
@@ -345,6 +534,10 @@ def _connect(tables: Sequence[Table], case_insensitive: bool = True):  # -> Duck
             rows.append(row)
         if rows:
             con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(cols))})", rows)
+    con.execute(
+        f"CREATE MACRO {NUMBER_MACRO}(x) AS TRY_CAST(replace(regexp_extract(CAST(x AS VARCHAR), "
+        r"'^\s*[-+]?[0-9][0-9,]*(\.[0-9]+)?'), ',', '') AS DOUBLE)"
+    )
     con.execute("SET lock_configuration = true")
     return con
 
@@ -381,20 +574,30 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
     timer.start()
     fixes: list[str] = []
     tried = {sql}
-    first: duckdb.BinderException | None = None  # the model's own query's error
+    first: duckdb.Error | None = None  # the model's own query's error
     try:
         while True:
             try:
                 cur = con.execute(sql)
                 break
-            except duckdb.BinderException as e:
+            except (
+                duckdb.BinderException,
+                duckdb.CatalogException,
+                duckdb.ConversionException,
+            ) as e:
                 first = first or e
-                resolved = (
-                    resolve_column(sql, str(e), tables)
-                    if cfg.resolve_columns and len(fixes) < 5
-                    else None
-                )
-                if resolved is None or resolved[0] in tried:  # nothing new: the model's error
+                resolved = None
+                for enabled, repair in (
+                    (cfg.resolve_columns, resolve_column),
+                    (cfg.resolve_tables, resolve_table),
+                    (cfg.numbers_in_text, coerce_numbers),
+                ):
+                    if enabled and len(fixes) < 5:
+                        resolved = repair(sql, str(e), tables)
+                        if resolved is not None and resolved[0] not in tried:
+                            break
+                        resolved = None
+                if resolved is None:  # nothing new to try: the model's own error
                     raise first from None
                 sql, fix = resolved
                 tried.add(sql)
