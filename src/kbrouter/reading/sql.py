@@ -411,10 +411,10 @@ NUMBER_MACRO = "leading_number"
 
 def coerce_numbers(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
     """For a DuckDB error about a text (VARCHAR) column used as a number (a type error, or a cell
-    that cannot be converted), ``(query, fix)`` with
-    each text column that the query compares with a number (``BETWEEN`` too), sums, averages or
-    computes with read as ``leading_number(column)``: the number its cell starts with
-    (``'1,182 m'`` -> 1182, ``'6th'`` -> 6, ``'N/a'`` -> NULL). None when nothing changes."""
+    that cannot be converted), ``(query, fix)`` with each text column the query compares with a
+    number (``BETWEEN`` too), sums, averages or computes with read as ``leading_number(column)``:
+    the number its cell starts with (``'1,182 m'`` -> 1182, ``'6th'`` -> 6, ``'N/a'`` -> NULL).
+    None when the query cannot be parsed or nothing changes."""
     if "VARCHAR" not in error and "Could not convert string" not in error:
         return None
     tree = _parse(sql)
