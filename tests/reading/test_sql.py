@@ -14,11 +14,13 @@ from kbrouter.reading.sql import (
     data_tables,
     extract_sql,
     is_total_row,
+    number_led,
     quote_columns,
     resolve_column,
     resolve_table,
     run_sql,
     schema_text,
+    sort_numbers,
     sql_messages,
 )
 from kbrouter.types import Table
@@ -338,3 +340,28 @@ def test_a_text_column_used_as_a_number_reads_the_number_each_cell_starts_with(
     assert [r[0] for r in rows] == top10
     rows = run_sql([touch], f'SELECT COUNT(*) FROM t WHERE "{ger}" = 1').table.rows
     assert rows == [["1"]]
+
+
+def test_a_text_column_of_numbers_with_units_is_ordered_by_the_numbers(shared_data: Path):
+    """Box office figures are text ("$10.8 billion"): alphabetically "$3.6 billion" (China)
+    comes before "$10.8 billion" (Canada/United States); ordered by the numbers the cells start
+    with it does not, and MAX/MIN return the cell itself. Dates that start with a day are not
+    numbers."""
+    office = _table(shared_data, "tbl-wtq-203-448", "Box office by country")
+    assert number_led([r[2] for r in office.rows])
+    second = 'SELECT "Country" FROM t ORDER BY "Box Office" DESC LIMIT 1 OFFSET 1'
+    result = run_sql([office], second)
+    assert result.table.rows == [["Canada/United States"]]  # after the World row
+    assert result.fixes == ['ordered by the numbers in "Box Office"']
+    assert result.sql == (
+        'SELECT "Country" FROM t ORDER BY LEADING_NUMBER("Box Office") DESC LIMIT 1 OFFSET 1'
+    )
+    off = SQLReaderConfig(sort_numbers_in_text=False)
+    assert run_sql([office], second, off).table.rows == [["China"]]
+    assert _one([office], 'SELECT MIN("Box Office") FROM t') == [["$0.72 billion"]]
+    assert _one([office], 'SELECT MAX("Box Office") FROM t') == [["$34.7 billion"]]
+    assert sort_numbers('SELECT "Country" FROM t ORDER BY "Country"', [office]) is None
+    # day-first dates, and a column of mostly words, are not ordered as numbers
+    assert not number_led(["16 May 2010", "13 February 2011", "7 August 2011"])
+    assert not number_led(["Winner", "Runner-up", "3rd", "Winner", "Winner"])
+    assert number_led(["21:30", "06:15", "9:05", "Destination", "18:00"])

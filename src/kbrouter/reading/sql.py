@@ -8,8 +8,10 @@ evidence. A query that fails, times out or returns nothing falls back to reading
 Before that, a query DuckDB rejects is repaired where the intent is unambiguous, each repair
 noted (``SQLResult.fixes``) and a setting of :class:`SQLReaderConfig`: a column name written
 differently (:func:`resolve_column`), a table named by its title or by a name not offered
-(:func:`resolve_table`), a text column used as a number (:func:`coerce_numbers`). A table's
-final "Total" row is left out of the SQL tables (:func:`data_tables`).
+(:func:`resolve_table`), a text column used as a number (:func:`coerce_numbers`). ORDER BY,
+MAX and MIN over a text column of numbers with units order by the numbers
+(:func:`sort_numbers`), and a table's final "Total" row is left out of the SQL tables
+(:func:`data_tables`).
 
 The sandbox: an in-memory DuckDB database per query holding only the given tables; file
 system and network access disabled, extensions neither installed nor loaded, configuration
@@ -40,6 +42,7 @@ __all__ = [
     "data_tables",
     "extract_sql",
     "is_total_row",
+    "number_led",
     "quote_columns",
     "resolve_column",
     "resolve_table",
@@ -47,6 +50,7 @@ __all__ = [
     "run_sql",
     "schema_text",
     "single_value",
+    "sort_numbers",
     "sql_messages",
     "table_names",
 ]
@@ -101,6 +105,13 @@ class SQLReaderConfig(BaseModel):
         description="A text column the query compares with a number, sums, averages or computes "
         "with is read as the number each cell starts with ('1,182 m' -> 1182, '6th' -> 6, "
         "'N/a' -> NULL) instead of failing (DuckDB does not compare text with numbers); noted.",
+    )
+    sort_numbers_in_text: bool = Field(
+        True,
+        description="ORDER BY, MAX and MIN over a text column whose cells start with numbers "
+        "('$1,234,567', '6,000 ha', '21:30'; at least 80% of its cells, and not dates) order by "
+        "those numbers, not alphabetically ('9' after '10'); MAX/MIN return the cell "
+        "(arg_max/arg_min). Noted.",
     )
     skip_total_row: bool = Field(
         True,
@@ -406,7 +417,8 @@ def resolve_table(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, s
 
 
 NUMBER_MACRO = "leading_number"
-"""The sandbox macro reading the number a text cell starts with (NULL if it starts with none)."""
+"""The sandbox macro reading the number a text cell starts with, after a currency sign
+(``'$1,234'`` -> 1234; NULL if it starts with none)."""
 
 
 def coerce_numbers(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
@@ -467,6 +479,67 @@ def coerce_numbers(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, 
         return None
     return tree.sql(dialect="duckdb"), "numbers read from " + ", ".join(
         dict.fromkeys(read_as_numbers)
+    )
+
+
+_LEADING_NUMBER = re.compile(r"^\s*[$£€¥]?\s*[-+]?[0-9][0-9,]*(\.[0-9]+)?")
+_MONTH = re.compile(
+    r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?(\s|,|$)", re.I
+)
+
+
+def number_led(cells: Sequence[str], share: float = 0.8) -> bool:
+    """Whether a text column's cells are numbers with units or marks around them: at least
+    ``share`` of its non-empty cells start with a number (after a currency sign), and at most
+    a fifth name a month (``16 May 2010`` starts with a number but is a date)."""
+    cells = [c for c in cells if c.strip()]
+    if len(cells) < 2 or sum(bool(_MONTH.search(c)) for c in cells) > len(cells) / 5:
+        return False
+    return sum(bool(_LEADING_NUMBER.match(c)) for c in cells) >= share * len(cells)
+
+
+def sort_numbers(sql: str, tables: Sequence[Table]) -> tuple[str, str] | None:
+    """``(query, fix)`` with ORDER BY, MAX and MIN over a :func:`number_led` text column of
+    ``tables`` ordering by ``leading_number(column)``; ``MAX(c)`` becomes ``arg_max(c,
+    leading_number(c))`` so the cell itself is returned. None when nothing changes or the
+    query cannot be parsed."""
+    tree = _parse(sql)
+    if tree is None:
+        return None
+    from sqlglot import exp
+
+    led = {}
+    for name, t in zip(table_names(tables), tables, strict=True):
+        for j, (c, ty) in enumerate(zip(_columns(t), _column_types(t), strict=True)):
+            if ty == "VARCHAR":
+                led[(name, c.casefold())] = number_led([r[j] if j < len(r) else "" for r in t.rows])
+    aliases = {n.alias_or_name.casefold(): n.name.casefold() for n in tree.find_all(exp.Table)}
+
+    def is_led(col: exp.Column) -> bool:
+        name = col.name.casefold()
+        if col.table:
+            return led.get((aliases.get(col.table.casefold(), col.table.casefold()), name), False)
+        found = {led[(t, name)] for t in set(aliases.values()) if (t, name) in led}
+        return found == {True}
+
+    sorted_by = []
+    for col in list(tree.find_all(exp.Column)):
+        p = col.parent
+        if not isinstance(p, (exp.Ordered, exp.Max, exp.Min)) or p.this is not col:
+            continue
+        if not is_led(col):
+            continue
+        number = exp.Anonymous(this=NUMBER_MACRO, expressions=[col.copy()])
+        if isinstance(p, exp.Ordered):
+            col.replace(number)
+        else:
+            arg = "arg_max" if isinstance(p, exp.Max) else "arg_min"
+            p.replace(exp.Anonymous(this=arg, expressions=[col.copy(), number]))
+        sorted_by.append(_quote(col.name))
+    if not sorted_by:
+        return None
+    return tree.sql(dialect="duckdb"), "ordered by the numbers in " + ", ".join(
+        dict.fromkeys(sorted_by)
     )
 
 
@@ -542,8 +615,8 @@ def _connect(tables: Sequence[Table], case_insensitive: bool = True):  # -> Duck
         if rows:
             con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(cols))})", rows)
     con.execute(
-        f"CREATE MACRO {NUMBER_MACRO}(x) AS TRY_CAST(replace(regexp_extract(CAST(x AS VARCHAR), "
-        r"'^\s*[-+]?[0-9][0-9,]*(\.[0-9]+)?'), ',', '') AS DOUBLE)"
+        f"CREATE MACRO {NUMBER_MACRO}(x) AS TRY_CAST(regexp_replace(regexp_extract("
+        f"CAST(x AS VARCHAR), '{_LEADING_NUMBER.pattern}'), '[^0-9.+-]', '', 'g') AS DOUBLE)"
     )
     con.execute("SET lock_configuration = true")
     return con
@@ -572,6 +645,10 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         raise SQLError(f"expected one SQL statement, got {len(statements)}")
     if statements[0].type != duckdb.StatementType.SELECT:
         raise SQLError(f"only SELECT queries are run, not {statements[0].type.name}")
+    fixes: list[str] = []
+    if cfg.sort_numbers_in_text and (sorted_ := sort_numbers(sql, tables)) is not None:
+        sql = sorted_[0]
+        fixes.append(sorted_[1])
     t0 = time.perf_counter()
     try:
         con = _connect(tables, cfg.case_insensitive)
@@ -579,7 +656,6 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         raise SQLError(f"cannot load the table(s): {str(e).splitlines()[0][:200]}") from None
     timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
     timer.start()
-    fixes: list[str] = []
     tried = {sql}
     first: duckdb.Error | None = None  # the model's own query's error
     try:
