@@ -4,9 +4,11 @@ policy, recorded with its results).
 ``table_reader = "rows"`` (default)
     Tables are shown to the model as rows (the first rows of each retrieved block).
 ``table_reader = "sql"``
-    When a step retrieved tables, the model writes one SQL query over the whole tables (every
-    block of each retrieved table, fetched by id) and DuckDB runs it in a sandbox
-    (:mod:`kbrouter.reading.sql`); the result replaces the table rows in the evidence shown. A
+    When a step retrieved tables, the model writes one SQL query over the whole tables (the
+    best ``SQLReaderConfig.max_tables`` distinct tables, one by default; every block of each,
+    fetched by id; a final "Total" row left out) and DuckDB runs it in a sandbox
+    (:mod:`kbrouter.reading.sql`, which repairs a rejected query where the intent is clear);
+    the result replaces the table rows in the evidence shown. A
     failed, refused, timed-out or empty query falls back to the rows. The query call is in
     ``step.read_calls`` and the step's notes say what happened. A result that is one value
     answers the step by itself when the step shows nothing but tables
