@@ -137,7 +137,8 @@ def test_a_total_row_is_left_out_and_a_repaired_query_is_noted():
     assert 'Table t ("Cup winners"): 3 rows' in traj.steps[0].read_calls[0].messages[-1].text()
     notes = [n for n in traj.steps[0].notes if n.startswith("table reader:")]
     assert notes[0] == "table reader: the last row of t (Total | 3) left out"
-    assert "SELECT COUNT(*) FROM t" in notes[1] and "query repaired: Cup_winners -> t" in notes[1]
+    assert "SELECT COUNT(*) FROM t AS Cup_winners" in notes[1]
+    assert "query rewritten: Cup_winners -> t" in notes[1]
     assert traj.answer == "3"
 
 

@@ -304,7 +304,7 @@ def test_a_table_named_by_its_title_or_not_offered_is_resolved(
         "WITH x AS (SELECT 1) SELECT * FROM x, y",
         "Catalog Error: Table with name y does not exist!",
         [medals],
-    ) == ("WITH x AS (SELECT 1) SELECT * FROM x, t", "y -> t")
+    ) == ("WITH x AS (SELECT 1) SELECT * FROM x, t AS y", "y -> t")
 
 
 def test_a_text_column_used_as_a_number_reads_the_number_each_cell_starts_with(
@@ -354,14 +354,62 @@ def test_a_text_column_of_numbers_with_units_is_ordered_by_the_numbers(shared_da
     assert result.table.rows == [["Canada/United States"]]  # after the World row
     assert result.fixes == ['ordered by the numbers in "Box Office"']
     assert result.sql == (
-        'SELECT "Country" FROM t ORDER BY LEADING_NUMBER("Box Office") DESC LIMIT 1 OFFSET 1'
+        'SELECT "Country" FROM t ORDER BY LEADING_NUMBER("Box Office") DESC, "Box Office" DESC '
+        "LIMIT 1 OFFSET 1"
     )
     off = SQLReaderConfig(sort_numbers_in_text=False)
     assert run_sql([office], second, off).table.rows == [["China"]]
-    assert _one([office], 'SELECT MIN("Box Office") FROM t') == [["$0.72 billion"]]
-    assert _one([office], 'SELECT MAX("Box Office") FROM t') == [["$34.7 billion"]]
+    # MAX returns the cell as written, the largest by number
+    largest = """SELECT MAX("Box Office") FROM t WHERE "Country" <> 'World'"""
+    assert _one([office], largest) == [["$10.8 billion"]]
+    assert run_sql([office], largest, off).table.rows == [["$3.6 billion"]]
+    # MAX(c, n), the n largest as a list, is left as written
+    assert run_sql([office], 'SELECT MAX("Box Office", 2) FROM t').fixes == []
     assert sort_numbers('SELECT "Country" FROM t ORDER BY "Country"', [office]) is None
     # day-first dates, and a column of mostly words, are not ordered as numbers
     assert not number_led(["16 May 2010", "13 February 2011", "7 August 2011"])
     assert not number_led(["Winner", "Runner-up", "3rd", "Winner", "Winner"])
     assert number_led(["21:30", "06:15", "9:05", "Destination", "18:00"])
+
+
+def test_numbers_with_equal_leading_numbers_are_ordered_by_their_text():
+    """Times and ISO dates start with a number shared by several cells (the hour, the year):
+    ties are ordered by the text, cells that start with no number are not a maximum."""
+    t = Table(
+        header=["Date", "Time"],
+        rows=[
+            ["2010-05-16", "21:05"],
+            ["2010-11-02", "21:30"],
+            ["2011-01-01", "9:05"],
+            ["2009-03-03", "N/A"],
+            ["2012-02-02", "10:00"],
+        ],
+    )
+    assert _one([t], 'SELECT "Date" FROM t WHERE "Date" > \'2010\' ORDER BY "Date" LIMIT 1') == [
+        ["2010-05-16"]
+    ]
+    assert _one([t], 'SELECT MAX("Time") FROM t') == [["21:30"]]  # not "N/A", not "9:05"
+    assert _one([t], 'SELECT MIN("Time") FROM t') == [["9:05"]]
+    assert _one([t], 'SELECT "Time" FROM t ORDER BY "Time" DESC LIMIT 2') == [["21:30"], ["21:05"]]
+
+
+def test_a_repaired_query_is_ordered_by_numbers_too_and_keeps_its_prefixes(gamestorm: Table):
+    """The table named by its title, quoted or not, with its name as a column prefix: the
+    query runs on t (the name kept as the alias), and its MAX is by numbers."""
+    for sql in [
+        'SELECT MAX("Attendance") FROM GameStorm_org',
+        'SELECT MAX("Attendance") FROM "GameStorm.org"',
+        'SELECT GameStorm_org."Attendance" FROM GameStorm_org ORDER BY "Attendance" DESC LIMIT 1',
+    ]:
+        result = run_sql([gamestorm], sql)
+        assert result.table.rows == [["1188"]], sql  # not "tba", and 1188 > 984 as numbers
+        assert result.fixes[-1] == 'ordered by the numbers in "Attendance"'
+        assert " -> t" in result.fixes[0]
+
+
+def test_a_query_sqlglot_cannot_handle_is_still_run_or_refused_cleanly(countries: Table):
+    """Deep nesting makes sqlglot recurse too far: the rewrites give up, DuckDB decides."""
+    deep = "SELECT " + "(" * 300 + "1" + ")" * 300 + " AS one FROM t WHERE \"name\" = 'Chad'"
+    assert _one([countries], deep) == [["1"]]
+    with pytest.raises(SQLError):
+        run_sql([countries], deep.replace('"name"', '"no such column"'))

@@ -126,7 +126,7 @@ async def read_tables(
         step,
         f"table reader: SQL {result.sql!r} over {', '.join(docs)} -> {n} row(s) "
         f"({result.seconds * 1000:.0f} ms)"
-        + (f"; query repaired: {'; '.join(result.fixes)}" if result.fixes else ""),
+        + (f"; query rewritten: {'; '.join(result.fixes)}" if result.fixes else ""),
     )
     single = single_value(result.table) is not None
     titles = ", ".join(f'"{t.title}"' for t in whole if t.title) or ", ".join(docs)

@@ -346,16 +346,25 @@ def _parse(sql: str):  # -> sqlglot Expression | None
     """``sql`` parsed by sqlglot (DuckDB dialect), None if it cannot be parsed."""
     try:
         import sqlglot
-        from sqlglot.errors import SqlglotError
     except ImportError as e:  # pragma: no cover - the optional extra
         raise SQLError("the SQL table reader needs sqlglot: pip install 'kbrouter[reading]'") from e
     try:
         return sqlglot.parse_one(sql, read="duckdb")
-    except (SqlglotError, ValueError):
+    except Exception:  # noqa: BLE001 - parse errors, and e.g. RecursionError on deep nesting
         return None
 
 
-_UNKNOWN_TABLE = re.compile(r"Table with name (\S+) does not exist")
+def _rewrite(repair, *args) -> tuple[str, str] | None:  # noqa: ANN001
+    """``repair(*args)``, None if it fails: a rewrite is an attempt, never a new error."""
+    try:
+        return repair(*args)
+    except SQLError:
+        raise  # a missing extra
+    except Exception:  # noqa: BLE001 - sqlglot on an odd query (RecursionError, TypeError ...)
+        return None
+
+
+_UNKNOWN_TABLE = re.compile(r"Table with name (.+?) does not exist")
 
 
 def resolve_table(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, str] | None:
@@ -406,10 +415,12 @@ def resolve_table(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, s
             target = with_all[0]
         if target is None:
             return None
-        table = exp.Table(this=exp.to_identifier(target))
-        if node.alias and wrote == node.name:  # a real alias (not the title's last word): kept
-            table.set("alias", node.args["alias"])
-        node.replace(table)
+        if wrote != node.name:  # the parser's alias was the title's last word
+            node.set("alias", None)
+        elif not node.alias:  # columns may be prefixed with the name written
+            node.set("alias", exp.TableAlias(this=exp.to_identifier(node.name)))
+        node.set("this", exp.to_identifier(target))
+        node.set("db", None)
         fixes.append(f"{wrote} -> {target}")
     if not fixes:
         return None
@@ -500,8 +511,9 @@ def number_led(cells: Sequence[str], share: float = 0.8) -> bool:
 
 def sort_numbers(sql: str, tables: Sequence[Table]) -> tuple[str, str] | None:
     """``(query, fix)`` with ORDER BY, MAX and MIN over a :func:`number_led` text column of
-    ``tables`` ordering by ``leading_number(column)``; ``MAX(c)`` becomes ``arg_max(c,
-    leading_number(c))`` so the cell itself is returned. None when nothing changes or the
+    ``tables`` ordering by ``leading_number(column)`` and then by the text (ties: '21:05' before
+    '21:30'); ``MAX(c)`` becomes ``arg_max(c, (leading_number(c), c))`` over the cells that
+    start with a number, so the cell itself is returned. None when nothing changes or the
     query cannot be parsed."""
     tree = _parse(sql)
     if tree is None:
@@ -522,19 +534,36 @@ def sort_numbers(sql: str, tables: Sequence[Table]) -> tuple[str, str] | None:
         found = {led[(t, name)] for t in set(aliases.values()) if (t, name) in led}
         return found == {True}
 
+    import sqlglot
+
     sorted_by = []
     for col in list(tree.find_all(exp.Column)):
         p = col.parent
         if not isinstance(p, (exp.Ordered, exp.Max, exp.Min)) or p.this is not col:
             continue
+        if any(v for k, v in p.args.items() if k != "this" and not isinstance(p, exp.Ordered)):
+            continue  # MAX(c, n): a list of the n largest, left as written
         if not is_led(col):
             continue
-        number = exp.Anonymous(this=NUMBER_MACRO, expressions=[col.copy()])
+        c = col.sql(dialect="duckdb")
         if isinstance(p, exp.Ordered):
-            col.replace(number)
+            # the number, then the text for ties ('21:05' before '21:30', same-year ISO dates)
+            tie = p.copy()
+            p.set("this", exp.Anonymous(this=NUMBER_MACRO, expressions=[col.copy()]))
+            order = p.parent
+            at = next(i for i, e in enumerate(order.expressions) if e is p)
+            order.set(
+                "expressions", [*order.expressions[: at + 1], tie, *order.expressions[at + 1 :]]
+            )
         else:
             arg = "arg_max" if isinstance(p, exp.Max) else "arg_min"
-            p.replace(exp.Anonymous(this=arg, expressions=[col.copy(), number]))
+            p.replace(
+                sqlglot.parse_one(
+                    f"{arg}({c}, ({NUMBER_MACRO}({c}), {c})) "
+                    f"FILTER (WHERE {NUMBER_MACRO}({c}) IS NOT NULL)",
+                    read="duckdb",
+                )
+            )
         sorted_by.append(_quote(col.name))
     if not sorted_by:
         return None
@@ -645,10 +674,6 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         raise SQLError(f"expected one SQL statement, got {len(statements)}")
     if statements[0].type != duckdb.StatementType.SELECT:
         raise SQLError(f"only SELECT queries are run, not {statements[0].type.name}")
-    fixes: list[str] = []
-    if cfg.sort_numbers_in_text and (sorted_ := sort_numbers(sql, tables)) is not None:
-        sql = sorted_[0]
-        fixes.append(sorted_[1])
     t0 = time.perf_counter()
     try:
         con = _connect(tables, cfg.case_insensitive)
@@ -656,10 +681,22 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
         raise SQLError(f"cannot load the table(s): {str(e).splitlines()[0][:200]}") from None
     timer = threading.Timer(cfg.timeout_seconds, con.interrupt)
     timer.start()
+    fixes: list[str] = []
     tried = {sql}
     first: duckdb.Error | None = None  # the model's own query's error
     try:
         while True:
+            ordered = _rewrite(sort_numbers, sql, tables) if cfg.sort_numbers_in_text else None
+            if ordered is not None:
+                try:
+                    cur = con.execute(ordered[0])
+                    sql = ordered[0]
+                    fixes.append(ordered[1])
+                    break
+                except duckdb.InterruptException:
+                    raise
+                except duckdb.Error:
+                    pass  # the rewrite does not run: the query as written decides
             try:
                 cur = con.execute(sql)
                 break
@@ -676,7 +713,7 @@ def run_sql(tables: Sequence[Table], sql: str, config: SQLReaderConfig | None = 
                     (cfg.numbers_in_text, coerce_numbers),
                 ):
                     if enabled and len(fixes) < 5:
-                        resolved = repair(sql, str(e), tables)
+                        resolved = _rewrite(repair, sql, str(e), tables)
                         if resolved is not None and resolved[0] not in tried:
                             break
                         resolved = None
