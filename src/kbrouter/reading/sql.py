@@ -109,9 +109,9 @@ class SQLReaderConfig(BaseModel):
     sort_numbers_in_text: bool = Field(
         True,
         description="ORDER BY, MAX and MIN over a text column whose cells start with numbers "
-        "('$1,234,567', '6,000 ha', '21:30'; at least 80% of its cells, and not dates) order by "
-        "those numbers, not alphabetically ('9' after '10'); MAX/MIN return the cell "
-        "(arg_max/arg_min). Noted.",
+        "('$1,234,567', '6,000 ha', '21:30'; at least 80% of its cells, and not dates that name "
+        "a month) order by those numbers, ties by the text, not alphabetically ('9' after "
+        "'10'); MAX/MIN return the cell (arg_max/arg_min). Noted.",
     )
     skip_total_row: bool = Field(
         True,
