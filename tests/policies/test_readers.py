@@ -16,8 +16,9 @@ BLOCKS = [  # one table indexed as two row blocks; Team A won three times in all
 ]
 
 
-def _kbs() -> list[StaticKB]:
-    blocks = [
+def _cup_table(blocks: list[list[list[str]]]) -> StaticKB:
+    """A table KB holding the cup table "tbl-cup" as the given row blocks."""
+    evidence = [
         Evidence(
             kb="table",
             id=f"tbl-cup#{i}",
@@ -28,10 +29,14 @@ def _kbs() -> list[StaticKB]:
             table=Table(header=HEADER, rows=rows, title="Cup winners"),
             metadata={"doc_id": "tbl-cup"},
         )
-        for i, rows in enumerate(BLOCKS)
+        for i, rows in enumerate(blocks)
     ]
+    return StaticKB("table", evidence, modality=Modality.TABLE)
+
+
+def _kbs() -> list[StaticKB]:
     text = Evidence(kb="text", id="p1", score=0.0, text="Team A is a football club.")
-    return [StaticKB("text", [text]), StaticKB("table", blocks, modality=Modality.TABLE)]
+    return [StaticKB("text", [text]), _cup_table(BLOCKS)]
 
 
 def _run(method: str, outputs: list[str], **options):
@@ -117,20 +122,7 @@ def test_a_total_row_is_left_out_and_a_repaired_query_is_noted():
     """The table's last block ends with a "Total" row: the query counts the data rows only.
     The 0.5B names the table by its title: the query runs on t, and the notes say both."""
     blocks = [[["1990", "Team A"], ["1991", "Team B"]], [["1992", "Team A"], ["Total", "3"]]]
-    table = [
-        Evidence(
-            kb="table",
-            id=f"tbl-cup#{i}",
-            score=0.0,
-            text="Cup winners Team A " + " ".join(" ".join(r) for r in rows),
-            title="Cup winners",
-            modality=Modality.TABLE,
-            table=Table(header=HEADER, rows=rows, title="Cup winners"),
-            metadata={"doc_id": "tbl-cup"},
-        )
-        for i, rows in enumerate(blocks)
-    ]
-    kbs = StaticKBRegistry([StaticKB("table", table, modality=Modality.TABLE)])
+    kbs = StaticKBRegistry([_cup_table(blocks)])
     policy = make_policy("single-kb:table", table_reader="sql")
     model = ScriptedChatModel(["<sql>SELECT COUNT(*) FROM Cup_winners</sql>"])
     traj = Engine(model, kbs, policy, EngineConfig(top_k=1)).answer_sync(QUESTION)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -427,6 +427,30 @@ def resolve_table(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, s
     return tree.sql(dialect="duckdb"), "; ".join(fixes)
 
 
+def _per_column(tree, tables: Sequence[Table], fact) -> Callable:  # noqa: ANN001
+    """A lookup of ``fact(table, column index, column type)`` for a column reference of the
+    parsed query ``tree``: by its table prefix (an alias or a table name), else over the
+    tables the query reads; None when unknown or the tables disagree."""
+    from sqlglot import exp
+
+    facts = {
+        (name, c.casefold()): fact(t, j, ty)
+        for name, t in zip(table_names(tables), tables, strict=True)
+        for j, (c, ty) in enumerate(zip(_columns(t), _column_types(t), strict=True))
+    }
+    aliases = {n.alias_or_name.casefold(): n.name.casefold() for n in tree.find_all(exp.Table)}
+    read = set(aliases.values())
+
+    def lookup(col: exp.Column):  # noqa: ANN202
+        name = col.name.casefold()
+        if col.table:
+            return facts.get((aliases.get(col.table.casefold(), col.table.casefold()), name))
+        found = {facts[(t, name)] for t in read if (t, name) in facts}
+        return found.pop() if len(found) == 1 else None
+
+    return lookup
+
+
 NUMBER_MACRO = "leading_number"
 """The sandbox macro reading the number a text cell starts with, after a currency sign
 (``'$1,234'`` -> 1234; NULL if it starts with none)."""
@@ -445,23 +469,7 @@ def coerce_numbers(sql: str, error: str, tables: Sequence[Table]) -> tuple[str, 
         return None
     from sqlglot import exp
 
-    types = {
-        (name, c.casefold()): ty
-        for name, t in zip(table_names(tables), tables, strict=True)
-        for c, ty in zip(_columns(t), _column_types(t), strict=True)
-    }
-    aliases: dict[str, str] = {}
-    read: set[str] = set()
-    for node in tree.find_all(exp.Table):
-        aliases[node.alias_or_name.casefold()] = node.name.casefold()
-        read.add(node.name.casefold())
-
-    def col_type(col: exp.Column) -> str | None:
-        name = col.name.casefold()
-        if col.table:
-            return types.get((aliases.get(col.table.casefold(), col.table.casefold()), name))
-        found = {types[(t, name)] for t in read if (t, name) in types}
-        return found.pop() if len(found) == 1 else None
+    col_type = _per_column(tree, tables, lambda _t, _j, ty: ty)
 
     def numeric(e: exp.Expression | None) -> bool:
         if isinstance(e, exp.Neg):
@@ -518,30 +526,22 @@ def sort_numbers(sql: str, tables: Sequence[Table]) -> tuple[str, str] | None:
     tree = _parse(sql)
     if tree is None:
         return None
+    import sqlglot
     from sqlglot import exp
 
-    led = {}
-    for name, t in zip(table_names(tables), tables, strict=True):
-        for j, (c, ty) in enumerate(zip(_columns(t), _column_types(t), strict=True)):
-            if ty == "VARCHAR":
-                led[(name, c.casefold())] = number_led([r[j] if j < len(r) else "" for r in t.rows])
-    aliases = {n.alias_or_name.casefold(): n.name.casefold() for n in tree.find_all(exp.Table)}
-
-    def is_led(col: exp.Column) -> bool:
-        name = col.name.casefold()
-        if col.table:
-            return led.get((aliases.get(col.table.casefold(), col.table.casefold()), name), False)
-        found = {led[(t, name)] for t in set(aliases.values()) if (t, name) in led}
-        return found == {True}
-
-    import sqlglot
-
+    is_led = _per_column(
+        tree,
+        tables,
+        lambda t, j, ty: (
+            ty == "VARCHAR" and number_led([r[j] if j < len(r) else "" for r in t.rows])
+        ),
+    )
     sorted_by = []
     for col in list(tree.find_all(exp.Column)):
         p = col.parent
         if not isinstance(p, (exp.Ordered, exp.Max, exp.Min)) or p.this is not col:
             continue
-        if any(v for k, v in p.args.items() if k != "this" and not isinstance(p, exp.Ordered)):
+        if isinstance(p, (exp.Max, exp.Min)) and any(v for k, v in p.args.items() if k != "this"):
             continue  # MAX(c, n): a list of the n largest, left as written
         if not is_led(col):
             continue
